@@ -99,6 +99,11 @@ class Coordinator:
             self.counters["expired_leases"] += 1
         return ended
 
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of /dev/shm held by this coordinator's pools."""
+        return sum(self._pool_bytes.values())
+
     def take_events(self) -> list[p.Event]:
         events, self._events = self._events, []
         return events
@@ -265,7 +270,7 @@ class Coordinator:
         clients = [p.ClientInfo(lease.client_id, lease.name, lease.pid, lease.num_pins(), lease.num_pending(),
                                 int((lease.expires_at - now) * 1000)) for lease in self.leases]
         return p.StatsReply(m.req, self.config.instance, self.instance_id, os.getpid(), now - self.started,
-                            self.config.cpu_cache_bytes, sum(self._pool_bytes.values()), pools, clients,
+                            self.config.cpu_cache_bytes, self.used_bytes, pools, clients,
                             dict(self.counters))
 
     # ------------------------------------------------------------ helpers

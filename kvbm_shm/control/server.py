@@ -23,7 +23,8 @@ import zmq
 from .. import protocol as p
 from .. import runtime
 from ..config import ServiceConfig
-from ..errors import ErrorCode, KvbmError
+from ..errors import CapacityError, ErrorCode, KvbmError
+from ..shm import shm_free_bytes
 from .coordinator import Coordinator, Deferred
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Server:
         self.pub = self.ctx.socket(zmq.PUB)
         try:
             self.coordinator.recover()
+            self._check_shm_room()
             for s in (self.router, self.pub):
                 s.setsockopt(zmq.LINGER, 0)
             self.router.setsockopt(zmq.MAXMSGSIZE, 4 * config.max_frame_bytes)
@@ -60,6 +62,15 @@ class Server:
         except BaseException:
             self.close()
             raise
+
+    def _check_shm_room(self) -> None:
+        """Refuse to start with a budget /dev/shm cannot hold: fail now, not at the first engine."""
+        have = shm_free_bytes() + self.coordinator.used_bytes
+        if self.config.cpu_cache_bytes > have:
+            raise CapacityError(
+                f"cpu_cache_gb={self.config.cpu_cache_gb:g} asks {self.config.cpu_cache_bytes / 2**30:.2f} GiB "
+                f"but /dev/shm has {have / 2**30:.2f} GiB free; lower --cpu-cache-gb or enlarge /dev/shm "
+                "(docker: --shm-size)", ErrorCode.SHM_FULL)
 
     def stop(self) -> None:
         self._stop.set()
