@@ -32,9 +32,10 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 16
     CORRUPT = 17  # bytes or a header failed verification
     ALREADY_RUNNING = 18  # another live coordinator holds the instance
+    WORKER_FAILED = 19  # a worker process died or failed the job; the blocks were not moved
 
 
-_RETRYABLE = {ErrorCode.UNKNOWN_LEASE, ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE}
+_RETRYABLE = {ErrorCode.UNKNOWN_LEASE, ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE, ErrorCode.WORKER_FAILED}
 
 
 class KvbmError(Exception):

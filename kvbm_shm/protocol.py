@@ -320,3 +320,27 @@ def request_id(body: bytes) -> int:
         return int(value[1]) if isinstance(value, list) and len(value) > 1 else 0
     except (msgspec.DecodeError, TypeError, ValueError):
         return 0
+
+
+# ---------------------------------------------------------------- worker jobs
+#
+# Coordinator (ROUTER, one socket per worker kind) <-> worker processes (DEALER, identity = the
+# worker's name). A worker announces itself with `WorkerReady`, then receives jobs and answers
+# each with one `JobDone` naming its `job_id`. Frames are the same `[VERSION][body]` as above.
+
+
+class WorkerReady(msgspec.Struct, tag="ready", array_like=True):
+    name: str
+    pid: int
+
+
+class JobDone(msgspec.Struct, tag="done", array_like=True):
+    job_id: int
+    ok: bool
+    error: str = ""
+    failed: list[int] = []  # positions within the job's batch that did not complete
+    nbytes: int = 0  # bytes moved
+
+
+class _Job(msgspec.Struct, tag_field="job", array_like=True):
+    job_id: int

@@ -33,6 +33,7 @@ from ..layout import Namespace
 from ..shm import PoolSegment, list_segments, unlink
 from .leases import Lease, LeaseTable
 from .pool import BlockPool
+from .supervisor import WorkerGroup
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,10 @@ class Deferred:
 
 
 class Coordinator:
-    def __init__(self, config: ServiceConfig, events_endpoint: str = ""):
+    def __init__(self, config: ServiceConfig, events_endpoint: str = "",
+                 workers: dict[str, WorkerGroup] | None = None):
         self.config = config
+        self.workers = {} if workers is None else workers  # filled by the server before the loop runs
         self.instance_id = uuid.uuid4().hex
         self.events_endpoint = events_endpoint
         self.started = time.monotonic()

@@ -26,6 +26,7 @@ from ..config import ServiceConfig
 from ..errors import CapacityError, ErrorCode, KvbmError
 from ..shm import shm_free_bytes
 from .coordinator import Coordinator, Deferred
+from .supervisor import WorkerGroup
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,14 @@ class Server:
         self._lock_fd = runtime.claim(self.dir)
         self.endpoint = runtime.endpoint(self.dir, runtime.CONTROL_SOCKET)
         self.events_endpoint = runtime.endpoint(self.dir, runtime.EVENTS_SOCKET)
-        self.coordinator = Coordinator(config, self.events_endpoint)
         self._stop = threading.Event()
         self._deferred: list[tuple[bytes, Deferred]] = []
         self._event_seq = 0
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.pub = self.ctx.socket(zmq.PUB)
+        self.workers: dict[str, WorkerGroup] = {}  # worker processes by kind, for the tiers that use them
+        self.coordinator = Coordinator(config, self.events_endpoint, self.workers)
         try:
             self.coordinator.recover()
             self._check_shm_room()
@@ -80,15 +82,23 @@ class Server:
         next_sweep = next_status = time.monotonic()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
+        groups = {group.socket: group for group in self.workers.values()}
+        for sock in groups:
+            poller.register(sock, zmq.POLLIN)
         while not self._stop.is_set():
             timeout_ms = 2 if self._deferred else 100
-            if poller.poll(timeout_ms):
-                self._drain()
+            for sock, _ in poller.poll(timeout_ms):
+                if sock is self.router:
+                    self._drain()
+                else:
+                    groups[sock].on_readable()
             if self._deferred:
                 self._complete_deferred()
             now = time.monotonic()
             if now >= next_sweep:
                 self.coordinator.sweep(now)
+                for group in self.workers.values():
+                    group.check()
                 next_sweep = now + sweep_every
             self._publish_events()
             if on_status is not None and now >= next_status:
@@ -152,6 +162,8 @@ class Server:
         """Unlink every segment and remove the runtime files (clean shutdown)."""
         for identity, d in self._deferred:
             d.future.cancel()
+        for group in self.workers.values():
+            group.close()
         self.coordinator.close()
         self.router.close(0)
         self.pub.close(0)
