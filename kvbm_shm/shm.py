@@ -228,7 +228,7 @@ class PoolSegment:
     def blocks_for(budget_bytes: int, block_bytes: int) -> int:
         """How many blocks a segment of at most `budget_bytes` holds."""
         per_block = round_up(block_bytes, PAGE) + RECORD_DTYPE.itemsize
-        n = max(0, (budget_bytes - HEADER_BYTES - PAGE) // per_block)
+        n = max(0, (budget_bytes - HEADER_BYTES) // per_block)
         while n and PoolSegment.size_for(n, block_bytes) > budget_bytes:
             n -= 1
         return n

@@ -107,6 +107,9 @@ class Coordinator:
         """Bytes of /dev/shm held by this coordinator's pools."""
         return sum(self._pool_bytes.values())
 
+    def _emit(self, event: p.Event) -> None:
+        self._events.append(event)
+
     def take_events(self) -> list[p.Event]:
         events, self._events = self._events, []
         return events
@@ -349,7 +352,7 @@ class Coordinator:
         return self._pool_reply(req, self._by_fingerprint[fp])
 
     def _add_pool(self, pool_id: int, seg: PoolSegment, ns: Namespace) -> BlockPool:
-        pool = BlockPool(pool_id, seg, ns.model, self._events.append)
+        pool = BlockPool(pool_id, seg, ns.model, self._emit)
         self.pools[pool_id] = pool
         self._pool_bytes[pool_id] = seg.segment.size
         self._reserved_bytes += seg.segment.size
