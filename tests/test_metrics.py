@@ -4,13 +4,15 @@ with stores, loads, lookups and refused requests exactly as much as they should.
 from __future__ import annotations
 
 import socket
+import sys
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvbm_shm.client import Client
-from kvbm_shm.errors import RequestError
+from kvbm_shm.control.metrics import Metrics
+from kvbm_shm.errors import ConfigError, RequestError
 from kvbm_shm.shm import list_segments
 
 from .kv_contents import BLOCK_BYTES, PAGE, Contents
@@ -86,3 +88,9 @@ def test_metrics_port_in_use_fails_at_start(instance, runtime_dir):
             coordinator.start()
     assert "Traceback" not in coordinator.log()
     assert not list_segments(f"kvbm-{instance}-") and not (runtime_dir / instance / "runtime.json").exists()
+
+
+def test_metrics_without_prometheus_client_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if the tools extra were not installed
+    with pytest.raises(ConfigError, match=r"pip install 'kvbm-shm\[tools\]'"):
+        Metrics.start(coordinator=None, port=free_port())

@@ -170,7 +170,7 @@ def test_inspect_hung_then_dead_coordinator(coordinator, instance, runtime_dir, 
 
 
 def test_corrupt_segments_give_clear_errors(instance, capsys):
-    names = [f"kvbm-{instance}-pool-{i}" for i in range(3)]
+    names = [f"kvbm-{instance}-pool-{i}" for i in range(4)]
     garbage = Segment.create(names[0], 8192)
     garbage.view(np.uint8)[:] = np.random.default_rng(1).integers(0, 256, 8192, dtype=np.uint8)
     garbage.close()
@@ -179,17 +179,19 @@ def test_corrupt_segments_give_clear_errors(instance, capsys):
                               segment_id="s", fingerprint="f" * 32, namespace=b"")
     pool.header["num_blocks"] = 10**9
     pool.close()
+    Segment.create(names[3], 8192).close()  # as left by a creator killed before it wrote the header
     try:
         done = run_cli("inspect", instance)
         assert done.returncode == 2
         assert "Traceback" not in done.stderr + done.stdout
-        assert f"segment {names[0]}: segment {names[0]} is not a kvbm pool (bad magic)" in done.stderr
+        assert f"kvbm-shm inspect: segment {names[0]} is not a kvbm pool (bad magic)" in done.stderr
         assert "too small for a kvbm pool header" in done.stderr
         assert f"segment {names[2]} has an inconsistent header" in done.stderr
+        assert f"segment {names[3]}: header not written yet" in done.stderr
 
         rc, view = cli_json(capsys, "ls")
         mine = {s["name"]: s for s in view["segments"] if s["name"] in names}
-        assert [mine[n]["kind"] for n in names] == ["corrupt"] * 3
+        assert [mine[n]["kind"] for n in names] == ["corrupt"] * 4
         assert all(mine[n]["instance"] == instance and mine[n]["orphan"] for n in names)
     finally:
         for name in names:

@@ -23,10 +23,18 @@ def add_parser(sub) -> None:
     common.add_instance_args(p)
     what = p.add_mutually_exclusive_group()
     what.add_argument("--blocks", action="store_true", help="list every block record that is not free")
-    what.add_argument("--hash", metavar="H", help="show the blocks whose sequence hash starts with H (hex)")
+    what.add_argument("--hash", metavar="H", type=_hex_prefix,
+                      help="show the blocks whose sequence hash starts with H (hex)")
     p.add_argument("--top", type=int, default=10, metavar="N", help="most reused prefixes to show (default 10)")
     p.add_argument("--timeout-s", type=float, default=1.0, help="how long to wait for the coordinator's stats")
     p.set_defaults(run=run)
+
+
+def _hex_prefix(text: str) -> str:
+    digits = text.lower().removeprefix("0x")
+    if not digits or any(c not in "0123456789abcdef" for c in digits):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a hexadecimal hash (prefix)")
+    return digits
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     report = snapshot.inspect_instance(instance, instance_dir, timeout_s=args.timeout_s, top=args.top,
                                        blocks=args.blocks, hash_prefix=args.hash)
     for err in report.errors:
-        print(f"kvbm-shm inspect: segment {err.segment}: {err.error}", file=sys.stderr)
+        print(f"kvbm-shm inspect: {err.error}", file=sys.stderr)
     if report.coordinator.state == "absent":
         known = [i.instance for i in node.scan(common.runtime_root(args), with_mappers=False).instances]
         print(f"kvbm-shm inspect: nothing of instance {instance!r} on this node "

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
                            rows))
     for s in view.segments:
         if s.error:
-            print(f"  {s.name}: {s.error}")
+            print(f"  {s.error}")
     if view.instances:
         print()
         print(common.table(["INSTANCE", "COORDINATOR", "STATE", "SEGMENTS", "SHM", "RUNTIME DIR"], [

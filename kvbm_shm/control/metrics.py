@@ -139,8 +139,8 @@ class Metrics:
         try:
             metrics._http = make_server(addr, port, prometheus_client.make_wsgi_app(metrics.registry),
                                         _HttpServer, handler_class=_QuietHandler)
-        except OSError as e:
-            raise ConfigError(f"cannot serve metrics on port {port}: {e.strerror or e}") from e
+        except (OSError, OverflowError) as e:  # taken, not ours to bind, or not a port number
+            raise ConfigError(f"cannot serve metrics on port {port}: {getattr(e, 'strerror', None) or e}") from e
         threading.Thread(target=metrics._http.serve_forever, args=(0.05,), name="kvbm-metrics", daemon=True).start()
         log.info("serving Prometheus metrics on http://%s:%d/metrics", addr, port)
         return metrics

@@ -115,16 +115,20 @@ def _clean(report: GcReport, instance: str, instance_dir: Path, seen: dict[str, 
                 info = node.read_segment(name)
             except FileNotFoundError:
                 continue
+            if info.uid != os.getuid():
+                continue  # reported as kept already
             if info.kind == "pool" and node.owner_alive(info):
                 report.kept.append(Kept(node.segment_path(name), instance,
                                         f"mapped by its live coordinator pid {info.owner_pid} "
                                         "(running under another runtime directory?)"))
                 continue
             info.mapped_by = seen[name].mapped_by if name in seen else []
-            if os.path.exists(node.segment_path(name)):
+            try:
                 os.unlink(node.segment_path(name))
-                report.removed.append(_segment_removal(info))
-                log.info("removed segment %s of dead instance %s", name, instance)
+            except FileNotFoundError:
+                continue
+            report.removed.append(_segment_removal(info))
+            log.info("removed segment %s of dead instance %s", name, instance)
         if had_dir:
             report.removed.extend(_runtime_removals(instance, instance_dir, dry_run=False))
         else:  # we made the directory only to hold the lock

@@ -31,7 +31,7 @@ from .. import runtime
 from ..config import check_instance
 from ..errors import ConfigError, KvbmError
 from ..layout import Namespace
-from ..shm import SEGMENT_PREFIX, SHM_DIR, PoolSegment, list_segments
+from ..shm import HEADER_BYTES, POOL_MAGIC, SEGMENT_PREFIX, SHM_DIR, PoolSegment, list_segments
 from . import procfs
 
 # how control.coordinator names pool segments: f"kvbm-{instance}-pool-{pool_id}"
@@ -54,7 +54,7 @@ class SegmentInfo(msgspec.Struct, kw_only=True):
     owner_alive: bool | None = None
     orphan: bool | None = None
     mapped_by: list[int] = []  # pids that have it mapped (the owner and attached clients)
-    error: str | None = None
+    error: str | None = None  # why it is corrupt or unreadable (names the segment)
 
 
 class InstanceInfo(msgspec.Struct, kw_only=True):
@@ -89,7 +89,10 @@ def read_segment(name: str) -> SegmentInfo:
     except (KvbmError, OSError) as e:
         if named:
             info.kind = "unreadable" if isinstance(e, OSError) else "corrupt"
-            info.error = f"cannot open: {e.strerror or e}" if isinstance(e, OSError) else str(e)
+            info.error = f"segment {name}: cannot open: {e.strerror or e}" if isinstance(e, OSError) else str(e)
+            if st.st_size >= HEADER_BYTES and _blank_header(name):
+                info.error = (f"segment {name}: header not written yet "
+                              "(the pool is being created, or its creator died first)")
             info.instance, info.pool_id = named["instance"], int(named["pool_id"])
         return info
     try:
@@ -97,6 +100,15 @@ def read_segment(name: str) -> SegmentInfo:
     finally:
         seg.close()
     return info
+
+
+def _blank_header(name: str) -> bool:
+    """Whether the magic is still zeros: `PoolSegment.create` writes it last."""
+    try:
+        with open(SHM_DIR / name, "rb") as f:
+            return f.read(len(POOL_MAGIC)) == bytes(len(POOL_MAGIC))
+    except OSError:
+        return False
 
 
 def _fill_from_header(info: SegmentInfo, seg: PoolSegment) -> None:
@@ -110,7 +122,7 @@ def _fill_from_header(info: SegmentInfo, seg: PoolSegment) -> None:
     try:
         info.model = msgspec.msgpack.decode(seg.namespace_bytes, type=Namespace).model
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        info.kind, info.error = "corrupt", f"namespace in the header does not decode: {e}"
+        info.kind, info.error = "corrupt", f"segment {seg.name}: namespace in the header does not decode: {e}"
 
 
 def owner_alive(info: SegmentInfo) -> bool:

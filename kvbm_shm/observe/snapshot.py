@@ -4,8 +4,8 @@
 instance read-only (lazily: only header and block table are touched) and reports per pool its
 geometry and namespace, blocks by state and tier, pinned blocks by client, the shared counters
 (lookups, hits, stores, evictions, ...), and the most reused prefixes; optionally every block
-record (`blocks=True`) or the blocks whose sequence hash starts with `hash_prefix` (with a check
-of their bytes against the recorded checksum).
+record (`blocks=True`) or the blocks whose sequence hash starts with `hash_prefix` (hex digits;
+with a check of their bytes against the recorded checksum).
 
 Consistency: the coordinator is the only writer and brackets every record update with
 `generation += 1` (odd while writing). While it runs, records are read with the seqlock rule
@@ -116,7 +116,7 @@ class PoolReport(msgspec.Struct):
 
 class SegmentError(msgspec.Struct):
     segment: str
-    error: str
+    error: str  # names the segment
 
 
 class CoordinatorState(msgspec.Struct):
@@ -148,14 +148,14 @@ def inspect_instance(instance: str, instance_dir: Path, *, timeout_s: float = 1.
     pools, errors = [], []
     for info in infos:
         if info.kind != "pool":
-            errors.append(SegmentError(info.name, info.error or "not a kvbm pool"))
+            errors.append(SegmentError(info.name, info.error or f"segment {info.name} is not a kvbm pool"))
             continue
         try:
             pools.append(_pool_report(info.name, writer_alive, clients, top, blocks, hash_prefix))
         except FileNotFoundError:
             continue
         except (KvbmError, OSError) as e:
-            errors.append(SegmentError(info.name, str(e)))
+            errors.append(SegmentError(info.name, str(e) if isinstance(e, KvbmError) else f"segment {info.name}: {e}"))
     return InstanceReport(instance, coordinator, pools, errors, list(stats.clients) if stats else None)
 
 
@@ -268,11 +268,7 @@ def _pin_holders(records: np.ndarray, pinned: np.ndarray, clients: dict[int, p.C
 
 
 def _matching(records: np.ndarray, ok: np.ndarray, hash_prefix: str) -> np.ndarray:
-    prefix = hash_prefix.lower().removeprefix("0x")
-    try:
-        int(prefix, 16)
-    except ValueError:
-        raise KvbmError(f"hash {hash_prefix!r} is not hexadecimal") from None
+    prefix = hash_prefix.lower()
     live = np.flatnonzero(ok & (records["state"] != BlockState.RESET))  # a free block keeps a stale hash
     return np.asarray([b for b in live.tolist() if bytes(records["hash"][b]).hex().startswith(prefix)], np.int64)
 
