@@ -8,7 +8,7 @@ pool or block, a block it does not own or has not pinned, malformed values) beco
 whole before any of it is applied.
 
 `sweep()` ends leases that expired or whose process died, dropping their pins and freeing their
-unfinished blocks. `take_events()` swaps out the KV events produced since the last call.
+unfinished blocks. `take_events()` hands over the KV events produced since the last call.
 `recover()` adopts the pools a dead coordinator of the same instance left in /dev/shm.
 """
 
@@ -111,7 +111,9 @@ class Coordinator:
         self._events.append(event)
 
     def take_events(self) -> list[p.Event]:
-        events, self._events = self._events, []
+        # the pools hold `self._events.append`: empty this list, never replace it
+        events = self._events.copy()
+        self._events.clear()
         return events
 
     def recover(self) -> int:
