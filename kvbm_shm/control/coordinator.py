@@ -111,9 +111,7 @@ class Coordinator:
         self._events.append(event)
 
     def take_events(self) -> list[p.Event]:
-        # the pools hold `self._events.append`: empty this list, never replace it
-        events = self._events.copy()
-        self._events.clear()
+        events, self._events = self._events, []
         return events
 
     def recover(self) -> int:
