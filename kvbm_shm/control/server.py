@@ -26,6 +26,7 @@ from ..config import ServiceConfig
 from ..errors import CapacityError, ErrorCode, KvbmError
 from ..shm import shm_free_bytes
 from .coordinator import Coordinator, Deferred
+from .devices import WORKER_KIND as TRANSFER_WORKERS
 from .supervisor import WorkerGroup
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ class Server:
         self.workers: dict[str, WorkerGroup] = {}  # worker processes by kind, for the tiers that use them
         self.coordinator = Coordinator(config, self.events_endpoint, self.workers)
         try:
+            if config.transfer_workers:
+                self.workers[TRANSFER_WORKERS] = WorkerGroup(
+                    TRANSFER_WORKERS, "kvbm_shm.workers.transfer", config.transfer_workers, self.dir, self.ctx)
             self.coordinator.recover()
             self._check_shm_room()
             for s in (self.router, self.pub):
