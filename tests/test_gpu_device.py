@@ -68,10 +68,10 @@ def _exporter(conn, kind: str, nbytes: int, offset: int) -> None:
 
     try:
         if kind == "vmm":
-            tensor, keep = _vmm_tensor(nbytes), None
+            tensor = _vmm_tensor(nbytes)
         else:
             big = torch.empty(offset + nbytes + (1 << 20), dtype=torch.uint8, device="cuda")
-            tensor, keep = big[offset:offset + nbytes], big  # interior of one allocation
+            tensor = big[offset:offset + nbytes]  # interior of one allocation (the view keeps it alive)
             torch.cuda.synchronize()
         _write_device(tensor.data_ptr(), _pattern(nbytes, 1))
         handles, exports = export_tensors([tensor])
@@ -85,7 +85,6 @@ def _exporter(conn, kind: str, nbytes: int, offset: int) -> None:
                 conn.send(bool(np.array_equal(_read_device(tensor.data_ptr(), nbytes), _pattern(nbytes, 3))))
             else:
                 exports.release()
-                del keep
                 conn.send("bye")
                 return
     except Exception as e:  # report to the parent rather than dying silently

@@ -98,18 +98,18 @@ def bench_cpu(gib: float, repeats: int, e2e: bool) -> list[dict]:
     ids = scattered_ids(num_device, n)
     src = np.ones(nbytes, np.uint8)
     memcpy_s = best_s(lambda: ctypes.memmove(g2.ctypes.data, src.ctypes.data, nbytes), repeats)
-    del src
+    src = None
     limit = gbps(nbytes, memcpy_s)
     rows = []
 
-    def row(path, direction, seconds, **extra):
+    def row(path, direction, seconds):
         rows.append({"device": "cpu", "path": path, "direction": direction, "block_bytes": block,
                      "chunk_bytes": block // LAYERS, "bytes": nbytes, "gbps": gbps(nbytes, seconds),
-                     "limit": "memcpy", "limit_gbps": limit, "ratio_vs_limit": round(memcpy_s / seconds, 3), **extra})
+                     "limit": "memcpy", "limit_gbps": limit, "ratio_vs_limit": round(memcpy_s / seconds, 3)})
 
     row("cpu_copy", "offload", best_s(lambda: cpu_copy.gather(table, ids, addrs), repeats))
     row("cpu_copy", "onboard", best_s(lambda: cpu_copy.scatter(table, ids, addrs), repeats))
-    del g2, tensors
+    g2 = tensors = table = None  # free 2.5 GiB before the end-to-end runs
     if e2e:
         rows += bench_cpu_e2e(ns, n, num_device, repeats, memcpy_s, limit)
     return rows
@@ -199,7 +199,7 @@ def bench_gpu(gib: float, repeats: int) -> dict:
             cuda_driver.check(drv.cuStreamSynchronize(stream), "cuStreamSynchronize")
 
         limits = {True: best_s(lambda: one_copy(True), repeats), False: best_s(lambda: one_copy(False), repeats)}
-        del dev_ref
+        dev_ref = None
         for block_kib in (64, 256, 1024, 4096):
             page, chunk = geometry(block_kib << 10)
             ns = namespace(page)
@@ -227,7 +227,7 @@ def bench_gpu(gib: float, repeats: int) -> dict:
         engine.remove_host_memory(reg)
         reg.close()
         engine.close()
-        del host
+        host = None  # drop the view before unmapping
         host_map.close()
     return {"rows": rows, "calibration": calibration, "import_ms": bench_import()}
 
