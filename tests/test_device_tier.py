@@ -332,3 +332,28 @@ def test_cuda_paths_import_without_a_gpu():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() in ("True", "False")
+
+
+def test_onboard_reports_and_drops_a_block_that_fails_its_checksum(coordinator, runtime_dir):
+    ns = namespace()
+    with connect(coordinator.instance, runtime_dir) as client:
+        pool = client.register_layout(ns)
+        kv = StandInKv.create(coordinator.instance, shapes(ns, NB))
+        try:
+            fill(kv.tensors, 4)
+            dev = DeviceKv.register(client, pool, kv.tensors, mode="worker")
+            assert dev.offload(hashes(4, 4), [0, 1, 2, 3]).wait(timeout_s=10).moved == 4
+            g2 = client.lookup(pool, hashes(4, 4))
+            pool.block(g2[2])[100] ^= 0xFF  # bit rot in the third block
+            for x in kv.tensors:
+                x[10:14] = 0
+            result = dev.onboard(hashes(4, 4), [10, 11, 12, 13]).wait(timeout_s=10)
+            assert result.failed == [2] and result.loaded == 2 and result.moved == 3
+            assert client.lookup(pool, hashes(4, 4)) == g2[:2]  # invalidated: never served again
+            assert pool.segment.read_records([g2[2]])["state"][0] == BlockState.RESET
+            for x in kv.tensors:
+                assert torch.equal(x[[0, 1, 3]], x[[10, 11, 13]])
+                assert float(x[12].abs().sum()) == 0.0  # the bad block was not copied
+            dev.unregister()
+        finally:
+            kv.close()

@@ -191,7 +191,7 @@ def bench_gpu(gib: float, repeats: int) -> dict:
     rows = []
     try:
         dev_ref = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-        stream = cuda_driver.check(drv.cuStreamCreate(drv.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+        stream = cuda_driver.check(drv.cuStreamCreate(int(drv.CUstream_flags.CU_STREAM_NON_BLOCKING)), "cuStreamCreate")
 
         def one_copy(to_host: bool):
             dst, src = (host.ctypes.data, dev_ref.data_ptr()) if to_host else (dev_ref.data_ptr(), host.ctypes.data)

@@ -126,7 +126,7 @@ class _Direction:
     def __init__(self, name: str):
         drv = driver()
         self.name = name
-        self.stream = check(drv.cuStreamCreate(drv.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
+        self.stream = check(drv.cuStreamCreate(int(drv.CUstream_flags.CU_STREAM_NON_BLOCKING)), "cuStreamCreate")
         self.table = _PinnedTable()
 
     def close(self) -> None:
@@ -281,7 +281,7 @@ class CudaCopyEngine:
         drv = driver()
         attr = drv.CUmemcpyAttributes()
         attr.srcAccessOrder = drv.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
-        attr.flags = drv.CUmemcpyFlags.CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE
+        attr.flags = int(drv.CUmemcpyFlags.CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE)
         dsts = [drv.CUdeviceptr(a) for a in dst.tolist()]
         srcs = [drv.CUdeviceptr(a) for a in src.tolist()]
         # cuda-python 12.8/12.9 returns (err, failIdx); 13.x returns (err,): check() takes both
@@ -314,7 +314,8 @@ class _AllocHostRegistration(HostRegistration):
 def _compile(ordinal: int):
     """NVRTC -> cubin for this GPU's architecture -> loaded module and kernel function."""
     drv, rtc = driver(), nvrtc()
-    arch = f"sm_{device_attribute(ordinal, 'COMPUTE_CAPABILITY_MAJOR')}{device_attribute(ordinal, 'COMPUTE_CAPABILITY_MINOR')}"
+    major = device_attribute(ordinal, "COMPUTE_CAPABILITY_MAJOR")
+    arch = f"sm_{major}{device_attribute(ordinal, 'COMPUTE_CAPABILITY_MINOR')}"
     prog = check(rtc.nvrtcCreateProgram(KERNEL_SOURCE.encode(), b"kvbm_copy.cu", 0, [], []), "nvrtcCreateProgram")
     try:
         options = [f"--gpu-architecture={arch}".encode(), b"--std=c++17"]
@@ -329,7 +330,8 @@ def _compile(ordinal: int):
         check(rtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
     finally:
         rtc.nvrtcDestroyProgram(prog)
-    module = check(drv.cuModuleLoadData(cubin), "cuModuleLoadData")
+    image = np.frombuffer(cubin, np.uint8).copy()  # the driver reads the image through a pointer
+    module = check(drv.cuModuleLoadData(image.ctypes.data), "cuModuleLoadData")
     function = check(drv.cuModuleGetFunction(module, KERNEL_NAME.encode()), "cuModuleGetFunction")
     log.info("compiled the copy kernel for %s (GPU %d)", arch, ordinal)
     return module, function

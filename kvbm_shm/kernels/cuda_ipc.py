@@ -79,7 +79,7 @@ def open_legacy(uuid: bytes, handle: bytes) -> int:
     use_device(device_by_uuid(uuid))
     ipc = drv.CUipcMemHandle()
     ctypes.memmove(ipc.getPtr(), handle, IPC_HANDLE_BYTES)
-    flags = drv.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS
+    flags = int(drv.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)
     return int(check(drv.cuIpcOpenMemHandle(ipc, flags), "cuIpcOpenMemHandle"))
 
 

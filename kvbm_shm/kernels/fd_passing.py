@@ -103,7 +103,8 @@ def fetch_fds(name: str, token: bytes, timeout_s: float = 5.0) -> list[int]:
             sock.sendall(token)
             msg, fds, _, _ = socket.recv_fds(sock, _COUNT.size, _MAX_FDS)
         except OSError as e:
-            raise DeviceError(f"cannot fetch file descriptors from {name!r} (is the exporting engine alive?): {e}") from e
+            raise DeviceError(f"cannot fetch file descriptors from {name!r} "
+                              f"(is the exporting engine alive?): {e}") from e
     if len(msg) != _COUNT.size or _COUNT.unpack(msg)[0] != len(fds) or not fds:
         for fd in fds:
             os.close(fd)

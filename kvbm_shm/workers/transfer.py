@@ -116,7 +116,8 @@ class TransferWorker:
                     if cpu_copy.checksum(seg.block(b)) == c]
         failed = sorted(set(range(len(job.g2_block_ids))) - set(good))
         if failed:
-            log.warning("onboard job %d: %d block(s) failed their checksum and were not copied", job.job_id, len(failed))
+            log.warning("onboard job %d: %d block(s) failed their checksum and were not copied",
+                        job.job_id, len(failed))
         nbytes = self._copy(device, pool, False, [job.device_block_ids[i] for i in good],
                             [job.g2_block_ids[i] for i in good])
         return p.JobDone(job.job_id, True, failed=failed, nbytes=nbytes)
