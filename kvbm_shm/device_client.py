@@ -35,7 +35,7 @@ import zmq
 from . import protocol as p
 from .client import Client, EngineKv, Pool
 from .device_ipc import Exports, export_tensors
-from .errors import CoordinatorUnavailable, ErrorCode, error_from_code
+from .errors import CoordinatorUnavailable, DeviceError, ErrorCode, error_from_code
 
 MODES = ("worker", "engine")
 
@@ -95,6 +95,9 @@ class DeviceKv:
     def __init__(self, client: Client, pool: Pool, tensors: Sequence, mode: str):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "engine" and any(getattr(getattr(t, "device", None), "type", "cpu") == "cuda" for t in tensors):
+            raise DeviceError("engine-driven mode copies with the CPU copy engine (Client.store/load), which cannot "
+                              "read GPU tensors: register GPU tensors in worker mode")
         self.client = client
         self.pool = pool
         self.mode = mode
