@@ -31,6 +31,7 @@ from ..errors import CapacityError, ErrorCode, KvbmError, RequestError
 from ..hashing import HASH_BYTES
 from ..layout import Namespace
 from ..shm import PoolSegment, list_segments, unlink
+from .devices import DeviceTier
 from .leases import Lease, LeaseTable
 from .pool import BlockPool
 from .supervisor import WorkerGroup
@@ -70,6 +71,8 @@ class Coordinator:
             p.Free: self._free, p.Touch: self._touch, p.Invalidate: self._invalidate,
             p.Heartbeat: self._heartbeat, p.Goodbye: self._goodbye, p.Stats: self._stats,
         }
+        self.devices = DeviceTier(self)
+        self._handlers.update(self.devices.handlers())
 
     # ------------------------------------------------------------ entry points
 
@@ -100,6 +103,7 @@ class Coordinator:
                      lease.client_id, lease.name, lease.pid, lease.num_pins(), lease.num_pending())
             self._end_lease(lease)
             self.counters["expired_leases"] += 1
+        self.devices.sweep(time.monotonic() if now is None else now)
         return ended
 
     @property
@@ -313,6 +317,7 @@ class Coordinator:
                 self.pools[pool_id].free(sorted(pending))
         lease.pins.clear()
         lease.pending.clear()
+        self.devices.end_lease(lease)
 
     def _start_pool(self, ns: Namespace, cache_bytes: int) -> concurrent.futures.Future:
         budget = self.config.cpu_cache_bytes

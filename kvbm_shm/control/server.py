@@ -24,8 +24,10 @@ from .. import protocol as p
 from .. import runtime
 from ..config import ServiceConfig
 from ..errors import CapacityError, ErrorCode, KvbmError
+from ..kernels.copy_env import streaming_copy_env
 from ..shm import shm_free_bytes
 from .coordinator import Coordinator, Deferred
+from .devices import WORKER_KIND as TRANSFER_WORKERS
 from .metrics import Metrics
 from .supervisor import WorkerGroup
 
@@ -51,6 +53,10 @@ class Server:
         self.workers: dict[str, WorkerGroup] = {}  # worker processes by kind, for the tiers that use them
         self.coordinator = Coordinator(config, self.events_endpoint, self.workers)
         try:
+            if config.transfer_workers:
+                self.workers[TRANSFER_WORKERS] = WorkerGroup(
+                    TRANSFER_WORKERS, "kvbm_shm.workers.transfer", config.transfer_workers, self.dir, self.ctx,
+                    env=streaming_copy_env(os.environ))
             self.coordinator.recover()
             self._check_shm_room()
             for s in (self.router, self.pub):
