@@ -57,7 +57,7 @@ def fill(tensors, seed: int) -> None:
 
 
 def connect(instance: str, runtime_dir) -> Client:
-    return Client(instance=instance, runtime_dir=Path(runtime_dir), name=f"engine-{os.getpid()}")
+    return Client(instance=instance, runtime_dir=Path(runtime_dir), name=f"engine-{os.getpid()}", timeout_s=20)
 
 
 # ---------------------------------------------------------------- child engines
