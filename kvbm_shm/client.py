@@ -275,8 +275,9 @@ class Client(_Core):
         return self._drive(lambda: self._simple_step(p.Stats(0)))
 
     def request(self, request: p._Request) -> p.Reply:
-        """Send one raw protocol request (its `req` is replaced); returns the reply or raises."""
-        return self._drive(lambda: self._simple_step(request))
+        """Send one raw protocol request (its `req` is replaced); returns the reply or raises.
+        Not retried after a lost lease: the request names the old client id."""
+        return self._drive(lambda: self._simple_step(request), retry=False)
 
     def close(self) -> None:
         """Close the lease (pins dropped, unfinished blocks freed) and the sockets."""

@@ -267,6 +267,11 @@ def test_events_are_published_in_sequence(coordinator, instance, runtime_dir):
     stored = [hh for e in events if isinstance(e, p.BlockStored) for hh in e.hashes]
     removed = [hh for e in events if isinstance(e, p.BlockRemoved) for hh in e.hashes]
     assert stored == h and removed == [h[0]]
+    coordinator.stop()  # a clean stop empties the pools: subscribers are told
+    assert sub.poll(5000)
+    last = p.decode_events(sub.recv_multipart())
+    assert last.seq == batches[-1].seq + 1
+    assert [type(e) for e in last.events] == [p.PoolCleared]
     sub.close(0)
     ctx.term()
 
