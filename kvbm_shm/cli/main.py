@@ -1,0 +1,34 @@
+"""Entry point of the `kvbm-shm` command: parses arguments and dispatches to a subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import KvbmError
+from . import serve
+
+SUBCOMMANDS = (serve,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvbm-shm", description="Node-local KV-cache block manager.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in SUBCOMMANDS:
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KvbmError as e:
+        print(f"kvbm-shm {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

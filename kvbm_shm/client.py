@@ -1,0 +1,479 @@
+"""Client library: talk to the coordinator and move KV between engine tensors and G2 blocks.
+
+`Client` (blocking) and `AsyncClient` (asyncio) offer the same operations:
+
+    client = Client(instance="default")                  # finds the coordinator's runtime dir
+    pool = client.register_layout(namespace)             # attach the namespace's G2 pool
+    kv = pool.bind(engine_tensors)                       # how this engine's tensors hold blocks
+    client.store(kv, hashes, device_block_ids)           # allocate -> copy -> commit
+    hits = client.lookup(pool, hashes)                   # longest cached prefix
+    client.load(kv, hashes, device_block_ids)            # pin -> verify -> copy -> release
+
+Contract:
+- Every call has a deadline (`timeout_s`); replies are matched by request id, so a late reply
+  of a timed-out call is discarded, never taken for another's. With no coordinator listening a
+  call fails with `CoordinatorUnavailable` when none connects within the deadline; nothing is
+  queued for a coordinator that is not there (so nothing stale reaches the next one).
+- A background thread keeps the lease alive. When the coordinator restarted (the lease is
+  unknown), the client says hello again, re-registers its pools (re-attaching a segment that was
+  recreated) and retries the operation once.
+- `store` writes only blocks that are not cached yet, checksums each written block (xxh3-64),
+  and commits; if the copy fails, the blocks are freed, never registered.
+- `load` pins the hit prefix, verifies each block's checksum before copying it, copies the
+  verified prefix, and releases the pins. A block that fails verification is reported in
+  `LoadResult.failed`, invalidated at the coordinator, and ends the loaded prefix: bytes that
+  cannot be vouched for are never copied into the engine.
+- Copies go through `kernels.cpu_copy` (host memory on both sides).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import os
+import threading
+import time
+from typing import Callable, Generator, Sequence
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from . import protocol as p
+from . import runtime
+from .config import ClientConfig
+from .errors import CoordinatorUnavailable, CorruptionError, ErrorCode, KvbmError, LeaseError, error_from_code
+from .kernels import cpu_copy
+from .layout import ChunkTable, Namespace
+from .shm import PoolSegment
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Pool:
+    """A namespace's G2 pool as this client sees it (attached segment, ids valid this epoch)."""
+
+    namespace: Namespace
+    cache_bytes: int
+    pool_id: int = -1
+    segment: PoolSegment | None = None
+    epoch: int = 0  # bumped when the pool was registered again after a coordinator restart
+
+    @property
+    def num_blocks(self) -> int:
+        return self.segment.num_blocks
+
+    @property
+    def block_bytes(self) -> int:
+        return self.segment.block_bytes
+
+    def bind(self, tensors: Sequence) -> "EngineKv":
+        """Describe an engine's KV tensors in this pool's format (validated against the layout)."""
+        return EngineKv(self, self.namespace.engine_layout.bind(tensors), list(tensors))
+
+    def block(self, block_id: int) -> np.ndarray:
+        """Zero-copy view of a G2 block's bytes (valid while the block is pinned or owned)."""
+        return self.segment.block(block_id)
+
+    def _attach(self, reply: p.PoolReply) -> None:
+        if self.segment is None or self.segment.segment_id != reply.segment_id:
+            old, self.segment = self.segment, PoolSegment.attach(reply.segment)
+            if old is not None:
+                old.close()
+        self.pool_id = reply.pool_id
+
+
+@dataclasses.dataclass
+class EngineKv:
+    """An engine's KV tensors bound to a pool. Keeps the tensors alive while bound."""
+
+    pool: Pool
+    chunks: ChunkTable
+    tensors: list
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreResult:
+    stored: int  # blocks written and registered now
+    present: int  # already cached: nothing written
+    in_flight: int  # another client is writing them
+    no_room: int  # the pool had nothing to evict
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadResult:
+    loaded: int  # the first `loaded` hashes are now in their device blocks
+    tiers: list[int]  # where each loaded block was found
+    failed: list[int]  # positions whose bytes failed verification (invalidated, not copied)
+
+
+_Step = Generator[object, object, object]  # yields requests or copy callables
+
+
+class _Core:
+    """What both clients share: connection state, lease recovery, and the operations as steps."""
+
+    def __init__(self, config: ClientConfig | None, name: str, overrides: dict):
+        self.config = config or ClientConfig.load(**overrides)
+        self.name = name or f"pid{os.getpid()}"
+        self.endpoint = self.config.endpoint or self._endpoint_from_runtime()
+        self.client_id = 0
+        self.lease_ms = 0
+        self.instance_id = ""
+        self.events_endpoint = ""
+        self._pools: dict[str, Pool] = {}
+        self._req = itertools.count(1)
+        self._heartbeat: _Heartbeat | None = None
+
+    def _endpoint_from_runtime(self) -> str:
+        d = self.config.instance_dir
+        info = runtime.read_info(d)
+        return info.endpoint if info else runtime.endpoint(d, runtime.CONTROL_SOCKET)
+
+    def _new_socket(self, ctx: zmq.Context) -> zmq.Socket:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.IMMEDIATE, 1)  # no coordinator: fail now, do not queue
+        s.setsockopt(zmq.LINGER, 200)
+        s.setsockopt(zmq.RECONNECT_IVL, 50)
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        s.connect(self.endpoint)
+        return s
+
+    # ------------------------------------------------------------ steps
+
+    def _hello_step(self) -> _Step:
+        reply = yield p.Hello(0, self.name, os.getpid())
+        self.client_id, self.lease_ms = reply.client_id, reply.lease_ms
+        self.instance_id, self.events_endpoint = reply.instance_id, reply.events_endpoint
+        if self._heartbeat is not None:
+            self._heartbeat.client_id = self.client_id
+        for pool in self._pools.values():  # after a coordinator restart
+            pool_reply = yield p.RegisterLayout(0, self.client_id, pool.namespace, pool.cache_bytes)
+            pool._attach(pool_reply)
+            pool.epoch += 1
+        return reply
+
+    def _register_step(self, namespace: Namespace, cache_bytes: int) -> _Step:
+        fp = namespace.fingerprint
+        pool = self._pools.get(fp) or Pool(namespace, cache_bytes)
+        reply = yield p.RegisterLayout(0, self.client_id, namespace, cache_bytes)
+        pool._attach(reply)
+        self._pools[fp] = pool
+        return pool
+
+    def _lookup_step(self, pool: Pool, hashes: Sequence[bytes], pin: bool) -> _Step:
+        reply = yield p.Lookup(0, self.client_id, pool.pool_id, list(hashes), pin)
+        return reply.block_ids
+
+    def _store_step(self, kv: EngineKv, hashes: Sequence[bytes], device_block_ids: Sequence[int]) -> _Step:
+        if len(hashes) != len(device_block_ids):
+            raise ValueError(f"{len(hashes)} hashes but {len(device_block_ids)} device blocks")
+        pool = kv.pool
+        reply = yield p.Allocate(0, self.client_id, pool.pool_id, list(hashes))
+        ids = reply.block_ids
+        todo = [i for i, b in enumerate(ids) if b >= 0]
+        counts = {s: ids.count(s) for s in (p.ALREADY_STORED, p.IN_FLIGHT, p.NO_ROOM)}
+        if not todo:
+            return StoreResult(0, counts[p.ALREADY_STORED], counts[p.IN_FLIGHT], counts[p.NO_ROOM])
+        g2 = [ids[i] for i in todo]
+        dev = [device_block_ids[i] for i in todo]
+        try:
+            checksums = yield (lambda: _gather(kv, dev, g2))
+        except BaseException:
+            yield p.Free(0, self.client_id, pool.pool_id, g2)
+            raise
+        yield p.Commit(0, self.client_id, pool.pool_id, g2, checksums)
+        return StoreResult(len(g2), counts[p.ALREADY_STORED], counts[p.IN_FLIGHT], counts[p.NO_ROOM])
+
+    def _load_step(self, kv: EngineKv, hashes: Sequence[bytes], device_block_ids: Sequence[int]) -> _Step:
+        if len(hashes) != len(device_block_ids):
+            raise ValueError(f"{len(hashes)} hashes but {len(device_block_ids)} device blocks")
+        pool = kv.pool
+        reply = yield p.Lookup(0, self.client_id, pool.pool_id, list(hashes), True)
+        ids, tiers = reply.block_ids, reply.tiers
+        if not ids:
+            return LoadResult(0, [], [])
+        try:
+            good = yield (lambda: _scatter(kv, device_block_ids[:len(ids)], ids, self.config.verify_checksums))
+        finally:
+            yield p.Release(0, self.client_id, pool.pool_id, ids)
+        failed = []
+        if good < len(ids):
+            failed = [good]
+            yield p.Invalidate(0, self.client_id, pool.pool_id, [ids[good]], "checksum mismatch on load")
+            log.warning("block %d of pool %d failed its checksum: invalidated, loaded %d of %d",
+                        ids[good], pool.pool_id, good, len(ids))
+        return LoadResult(good, tiers[:good], failed)
+
+    def _simple_step(self, request: p._Request) -> _Step:
+        reply = yield request
+        return reply
+
+    @staticmethod
+    def _check(reply: p.Reply, req: int) -> p.Reply:
+        if isinstance(reply, p.ErrorReply):
+            raise error_from_code(reply.code, reply.message)
+        return reply
+
+
+def _gather(kv: EngineKv, device_ids: list[int], g2_ids: list[int]) -> list[int]:
+    pool = kv.pool
+    cpu_copy.gather(kv.chunks, device_ids, pool.segment.block_addresses(g2_ids))
+    return [cpu_copy.checksum(pool.segment.block(b)) for b in g2_ids]
+
+
+def _scatter(kv: EngineKv, device_ids: Sequence[int], g2_ids: list[int], verify: bool) -> int:
+    """Copy the verified prefix of `g2_ids`; returns its length."""
+    seg = kv.pool.segment
+    good = len(g2_ids)
+    if verify:
+        expected = seg.table["checksum"][np.asarray(g2_ids)]
+        for i, b in enumerate(g2_ids):
+            if cpu_copy.checksum(seg.block(b)) != int(expected[i]):
+                good = i
+                break
+    if good:
+        cpu_copy.scatter(kv.chunks, list(device_ids[:good]), seg.block_addresses(g2_ids[:good]))
+    return good
+
+
+class Client(_Core):
+    """Blocking client. Thread-safe: calls are serialised on one socket."""
+
+    def __init__(self, config: ClientConfig | None = None, *, name: str = "", **overrides):
+        super().__init__(config, name, overrides)
+        self._ctx = zmq.Context()
+        self._sock = self._new_socket(self._ctx)
+        self._lock = threading.RLock()
+        try:
+            self._drive(self._hello_step, retry=False)
+        except BaseException:
+            self._sock.close(0)
+            self._ctx.term()
+            raise
+        self._heartbeat = _Heartbeat(self)
+
+    def register_layout(self, namespace: Namespace, cache_bytes: int = 0) -> Pool:
+        return self._drive(lambda: self._register_step(namespace, cache_bytes))
+
+    def lookup(self, pool: Pool, hashes: Sequence[bytes], pin: bool = False) -> list[int]:
+        """G2 block ids of the longest cached prefix of `hashes` (pinned if `pin`)."""
+        return self._drive(lambda: self._lookup_step(pool, hashes, pin))
+
+    def store(self, kv: EngineKv, hashes: Sequence[bytes], device_block_ids: Sequence[int]) -> StoreResult:
+        return self._drive(lambda: self._store_step(kv, hashes, device_block_ids))
+
+    def load(self, kv: EngineKv, hashes: Sequence[bytes], device_block_ids: Sequence[int]) -> LoadResult:
+        return self._drive(lambda: self._load_step(kv, hashes, device_block_ids))
+
+    def release(self, pool: Pool, block_ids: Sequence[int]) -> None:
+        self._drive(lambda: self._simple_step(p.Release(0, self.client_id, pool.pool_id, list(block_ids))))
+
+    def touch(self, pool: Pool, hashes: Sequence[bytes], priority: int | None = None) -> int:
+        reply = self._drive(lambda: self._simple_step(p.Touch(0, self.client_id, pool.pool_id, list(hashes), priority)))
+        return reply.count
+
+    def stats(self) -> p.StatsReply:
+        return self._drive(lambda: self._simple_step(p.Stats(0)))
+
+    def request(self, request: p._Request) -> p.Reply:
+        """Send one raw protocol request (its `req` is replaced); returns the reply or raises."""
+        return self._drive(lambda: self._simple_step(request))
+
+    def close(self) -> None:
+        """Close the lease (pins dropped, unfinished blocks freed) and the sockets."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        with self._lock:
+            try:
+                self._call(p.Goodbye(0, self.client_id), timeout_s=min(self.config.timeout_s, 1.0))
+            except KvbmError:
+                pass
+            for pool in self._pools.values():
+                if pool.segment is not None:
+                    pool.segment.close()
+            self._sock.close(0)
+            self._ctx.term()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------ transport
+
+    def _drive(self, make_steps: Callable[[], _Step], retry: bool = True):
+        with self._lock:
+            try:
+                return self._run(make_steps())
+            except LeaseError:
+                if not retry:
+                    raise
+                log.info("lease lost (coordinator restarted?): saying hello again")
+                self._run(self._hello_step())
+                return self._run(make_steps())
+
+    def _run(self, steps: _Step):
+        value, error = None, None
+        while True:
+            try:
+                item = steps.throw(error) if error is not None else steps.send(value)
+            except StopIteration as done:
+                return done.value
+            value, error = None, None
+            try:
+                value = item() if callable(item) else self._call(item)
+            except BaseException as e:
+                error = e
+
+    def _call(self, request: p._Request, timeout_s: float | None = None) -> p.Reply:
+        request.req = next(self._req)
+        deadline = time.monotonic() + (timeout_s or self.config.timeout_s)
+        if not self._sock.poll(max(deadline - time.monotonic(), 0) * 1000, zmq.POLLOUT):
+            raise CoordinatorUnavailable(f"no coordinator is listening at {self.endpoint}")
+        self._sock.send_multipart(p.encode(request), zmq.NOBLOCK)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(left * 1000):
+                raise CoordinatorUnavailable(
+                    f"{type(request).__name__} got no reply within {timeout_s or self.config.timeout_s:.3g} s "
+                    f"from {self.endpoint}", ErrorCode.TIMEOUT)
+            reply = p.decode_reply(self._sock.recv_multipart())
+            if reply.req == request.req:
+                return self._check(reply, request.req)
+
+
+class AsyncClient(_Core):
+    """asyncio client: the same operations as `Client`, as coroutines. Copies run in a thread."""
+
+    def __init__(self, config: ClientConfig | None = None, *, name: str = "", **overrides):
+        super().__init__(config, name, overrides)
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._new_socket(self._ctx)
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, config: ClientConfig | None = None, *, name: str = "", **overrides) -> "AsyncClient":
+        client = cls(config, name=name, **overrides)
+        try:
+            await client._drive(client._hello_step, retry=False)
+        except BaseException:
+            client._sock.close(0)
+            client._ctx.term()
+            raise
+        client._heartbeat = _Heartbeat(client)
+        return client
+
+    async def register_layout(self, namespace: Namespace, cache_bytes: int = 0) -> Pool:
+        return await self._drive(lambda: self._register_step(namespace, cache_bytes))
+
+    async def lookup(self, pool: Pool, hashes: Sequence[bytes], pin: bool = False) -> list[int]:
+        return await self._drive(lambda: self._lookup_step(pool, hashes, pin))
+
+    async def store(self, kv: EngineKv, hashes: Sequence[bytes], device_block_ids: Sequence[int]) -> StoreResult:
+        return await self._drive(lambda: self._store_step(kv, hashes, device_block_ids))
+
+    async def load(self, kv: EngineKv, hashes: Sequence[bytes], device_block_ids: Sequence[int]) -> LoadResult:
+        return await self._drive(lambda: self._load_step(kv, hashes, device_block_ids))
+
+    async def release(self, pool: Pool, block_ids: Sequence[int]) -> None:
+        await self._drive(lambda: self._simple_step(p.Release(0, self.client_id, pool.pool_id, list(block_ids))))
+
+    async def touch(self, pool: Pool, hashes: Sequence[bytes], priority: int | None = None) -> int:
+        reply = await self._drive(
+            lambda: self._simple_step(p.Touch(0, self.client_id, pool.pool_id, list(hashes), priority)))
+        return reply.count
+
+    async def stats(self) -> p.StatsReply:
+        return await self._drive(lambda: self._simple_step(p.Stats(0)))
+
+    async def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        async with self._lock:
+            try:
+                await self._call(p.Goodbye(0, self.client_id), timeout_s=min(self.config.timeout_s, 1.0))
+            except KvbmError:
+                pass
+            for pool in self._pools.values():
+                if pool.segment is not None:
+                    pool.segment.close()
+            self._sock.close(0)
+            self._ctx.term()
+
+    async def _drive(self, make_steps: Callable[[], _Step], retry: bool = True):
+        async with self._lock:
+            try:
+                return await self._run(make_steps())
+            except LeaseError:
+                if not retry:
+                    raise
+                await self._run(self._hello_step())
+                return await self._run(make_steps())
+
+    async def _run(self, steps: _Step):
+        value, error = None, None
+        while True:
+            try:
+                item = steps.throw(error) if error is not None else steps.send(value)
+            except StopIteration as done:
+                return done.value
+            value, error = None, None
+            try:
+                value = await asyncio.to_thread(item) if callable(item) else await self._call(item)
+            except BaseException as e:
+                error = e
+
+    async def _call(self, request: p._Request, timeout_s: float | None = None) -> p.Reply:
+        request.req = next(self._req)
+        timeout = timeout_s or self.config.timeout_s
+        deadline = time.monotonic() + timeout
+        if not await self._sock.poll(timeout * 1000, zmq.POLLOUT):
+            raise CoordinatorUnavailable(f"no coordinator is listening at {self.endpoint}")
+        await self._sock.send_multipart(p.encode(request), zmq.NOBLOCK)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not await self._sock.poll(left * 1000):
+                raise CoordinatorUnavailable(
+                    f"{type(request).__name__} got no reply within {timeout:.3g} s from {self.endpoint}",
+                    ErrorCode.TIMEOUT)
+            reply = p.decode_reply(await self._sock.recv_multipart())
+            if reply.req == request.req:
+                return self._check(reply, request.req)
+
+
+class _Heartbeat(threading.Thread):
+    """Keeps a client's lease alive from its own socket, every third of the lease."""
+
+    def __init__(self, core: _Core):
+        super().__init__(name="kvbm-heartbeat", daemon=True)
+        self.client_id = core.client_id
+        self._interval_s = max(core.lease_ms / 3000, 0.01)
+        self._endpoint = core.endpoint
+        self._core = core
+        self._stop_event = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        ctx = zmq.Context()
+        sock = self._core._new_socket(ctx)
+        req = itertools.count(1)
+        try:
+            while not self._stop_event.wait(self._interval_s):
+                try:
+                    sock.send_multipart(p.encode(p.Heartbeat(next(req), self.client_id)), zmq.NOBLOCK)
+                except zmq.Again:
+                    continue  # coordinator down: the next operation will find out
+                while sock.poll(0):
+                    sock.recv_multipart()
+        finally:
+            sock.close(0)
+            ctx.term()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=2)

@@ -1,0 +1,8 @@
+"""The coordinator: the one process that owns the state of every block of an instance.
+
+- `pool`: one G2 pool's block state (free list, registry, pins, inactive set, eviction).
+- `leases`: client leases; what each client pins and is writing.
+- `coordinator`: request handlers over pools and leases; no sockets, no threads of its own.
+- `supervisor`: worker processes of one kind (disk I/O, transfers): start, feed, restart.
+- `server`: the ZeroMQ loop, runtime directory, events and signals around a `Coordinator`.
+"""

@@ -1,0 +1,368 @@
+"""Request handlers of the coordinator: pools, budget and leases. No sockets, no blocking.
+
+`Coordinator.handle(request)` returns a reply, or a `Deferred` when the work must run off the
+server loop (creating a pool pre-faults gigabytes of shm); the server calls
+`Coordinator.complete(deferred)` once its future is done. A caller's mistake (unknown lease,
+pool or block, a block it does not own or has not pinned, malformed values) becomes an
+`ErrorReply` with its code, and nothing is changed by a refused batch: every batch is checked
+whole before any of it is applied.
+
+`sweep()` ends leases that expired or whose process died, dropping their pins and freeing their
+unfinished blocks. `take_events()` swaps out the KV events produced since the last call.
+`recover()` adopts the pools a dead coordinator of the same instance left in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from typing import Callable
+
+import msgspec
+
+from .. import protocol as p
+from ..config import ServiceConfig
+from ..errors import CapacityError, ErrorCode, KvbmError, RequestError
+from ..hashing import HASH_BYTES
+from ..layout import Namespace
+from ..shm import PoolSegment, list_segments, unlink
+from .leases import Lease, LeaseTable
+from .pool import BlockPool
+from .supervisor import WorkerGroup
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Deferred:
+    """A reply that waits for `future`; `finish(future)` turns the finished future into the reply."""
+
+    req: int
+    future: concurrent.futures.Future
+    finish: Callable[[concurrent.futures.Future], p.Reply]
+
+
+class Coordinator:
+    def __init__(self, config: ServiceConfig, events_endpoint: str = "",
+                 workers: dict[str, WorkerGroup] | None = None):
+        self.config = config
+        self.workers = {} if workers is None else workers  # filled by the server before the loop runs
+        self.instance_id = uuid.uuid4().hex
+        self.events_endpoint = events_endpoint
+        self.started = time.monotonic()
+        self.leases = LeaseTable(config.lease_ms)
+        self.pools: dict[int, BlockPool] = {}
+        self._pool_bytes: dict[int, int] = {}
+        self._by_fingerprint: dict[str, int] = {}
+        self._creating: dict[str, concurrent.futures.Future] = {}
+        self._reserved_bytes = 0
+        self._events: list[p.Event] = []
+        self.counters: Counter = Counter()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvbm-pool-create")
+        self._handlers = {
+            p.Hello: self._hello, p.RegisterLayout: self._register_layout, p.Lookup: self._lookup,
+            p.Allocate: self._allocate, p.Commit: self._commit, p.Release: self._release,
+            p.Free: self._free, p.Touch: self._touch, p.Invalidate: self._invalidate,
+            p.Heartbeat: self._heartbeat, p.Goodbye: self._goodbye, p.Stats: self._stats,
+        }
+
+    # ------------------------------------------------------------ entry points
+
+    def handle(self, msg: p.Request) -> p.Reply | Deferred:
+        self.counters["requests"] += 1
+        try:
+            return self._handlers[type(msg)](msg)
+        except KvbmError as e:
+            return self.error_reply(msg.req, e)
+
+    def complete(self, deferred: Deferred) -> p.Reply:
+        try:
+            return deferred.finish(deferred.future)
+        except KvbmError as e:
+            return self.error_reply(deferred.req, e)
+        except Exception as e:  # an unexpected failure off the loop must still answer
+            log.exception("deferred request %d failed", deferred.req)
+            return self.error_reply(deferred.req, KvbmError(f"internal error: {e}", ErrorCode.INTERNAL))
+
+    def error_reply(self, req: int, e: KvbmError) -> p.ErrorReply:
+        self.counters[f"error_{e.code.name.lower()}"] += 1
+        return p.ErrorReply(req, int(e.code), e.message, e.retryable)
+
+    def sweep(self, now: float | None = None) -> list[Lease]:
+        ended = self.leases.expired(now)
+        for lease in ended:
+            log.info("lease of client %d (%s, pid %d) ended: %d pins dropped, %d unfinished blocks freed",
+                     lease.client_id, lease.name, lease.pid, lease.num_pins(), lease.num_pending())
+            self._end_lease(lease)
+            self.counters["expired_leases"] += 1
+        return ended
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of /dev/shm held by this coordinator's pools."""
+        return sum(self._pool_bytes.values())
+
+    def take_events(self) -> list[p.Event]:
+        events, self._events = self._events, []
+        return events
+
+    def recover(self) -> int:
+        """Adopt pools left by a dead coordinator of this instance; unlink unusable ones."""
+        kept = 0
+        for name in list_segments(f"kvbm-{self.config.instance}-pool-"):
+            try:
+                seg = PoolSegment.attach(name)
+            except (KvbmError, OSError) as e:
+                log.warning("removing unusable segment %s: %s", name, e)
+                unlink(name)
+                continue
+            try:
+                ns = msgspec.msgpack.decode(seg.namespace_bytes, type=Namespace)
+                pool_id = int(seg.header["pool_id"])
+                if ns.fingerprint != seg.fingerprint or pool_id in self.pools:
+                    raise ValueError("namespace does not match its fingerprint")
+                if self._reserved_bytes + seg.segment.size > self.config.cpu_cache_bytes:
+                    raise ValueError("it does not fit in this coordinator's cpu_cache_gb")
+            except (ValueError, msgspec.DecodeError) as e:
+                log.warning("removing segment %s: %s", name, e)
+                seg.close()
+                unlink(name)
+                continue
+            seg.header["coordinator_pid"] = os.getpid()
+            pool = self._add_pool(pool_id, seg, ns)
+            n = pool.recover()
+            kept += n
+            log.info("recovered pool %d (%s) with %d registered blocks from %s", pool_id, ns.model, n, name)
+        return kept
+
+    def close(self) -> None:
+        """Unlink every pool (clean shutdown)."""
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        for fut in self._creating.values():
+            if fut.done() and fut.exception() is None:
+                seg = fut.result()
+                seg.close()
+                unlink(seg.name)
+        for pool in self.pools.values():
+            name = pool.segment.name
+            pool.segment.close()
+            unlink(name)
+        self.pools.clear()
+
+    # ------------------------------------------------------------ handlers
+
+    def _hello(self, m: p.Hello) -> p.Reply:
+        if m.protocol != p.PROTOCOL_VERSION:
+            raise KvbmError(f"client speaks protocol {m.protocol}, coordinator {p.PROTOCOL_VERSION}",
+                            ErrorCode.BAD_VERSION)
+        lease = self.leases.open(m.name, m.pid)
+        return p.HelloReply(m.req, lease.client_id, self.config.lease_ms, self.config.instance,
+                            self.instance_id, os.getpid(), self.events_endpoint)
+
+    def _register_layout(self, m: p.RegisterLayout) -> p.Reply | Deferred:
+        self.leases.get(m.client_id)
+        try:
+            m.namespace.validate()
+        except ValueError as e:
+            raise RequestError(f"invalid namespace: {e}") from e
+        fp = m.namespace.fingerprint
+        if fp in self._by_fingerprint:
+            return self._pool_reply(m.req, self._by_fingerprint[fp])
+        fut = self._creating.get(fp)
+        if fut is None:
+            fut = self._start_pool(m.namespace, m.cache_bytes)
+        return Deferred(m.req, fut, lambda done: self._pool_created(m.req, m.namespace, done))
+
+    def _lookup(self, m: p.Lookup) -> p.Reply:
+        lease = self.leases.get(m.client_id)
+        pool = self._pool(m.pool_id)
+        _check_hashes(m.hashes)
+        ids = pool.lookup(m.hashes)
+        if m.pin and ids:
+            pool.pin(ids, lease.client_id)
+            lease.pins.setdefault(pool.pool_id, Counter()).update(ids)
+        return p.LookupReply(m.req, ids, [p.Tier.CPU] * len(ids))
+
+    def _allocate(self, m: p.Allocate) -> p.Reply:
+        lease = self.leases.get(m.client_id)
+        pool = self._pool(m.pool_id)
+        _check_hashes(m.hashes)
+        ids = pool.allocate(m.hashes, lease.client_id)
+        lease.pending.setdefault(pool.pool_id, set()).update(b for b in ids if b >= 0)
+        return p.AllocateReply(m.req, ids)
+
+    def _commit(self, m: p.Commit) -> p.Reply:
+        lease = self.leases.get(m.client_id)
+        pool = self._pool(m.pool_id)
+        if len(m.checksums) != len(m.block_ids):
+            raise RequestError(f"{len(m.block_ids)} blocks but {len(m.checksums)} checksums")
+        if any(not 0 <= c < 2**64 for c in m.checksums):
+            raise RequestError("checksums must be unsigned 64-bit integers")
+        if not -2**15 <= m.priority < 2**15:
+            raise RequestError(f"priority {m.priority} out of range")
+        self._check_pending(pool, lease, m.block_ids)
+        n = pool.commit(m.block_ids, m.checksums, m.priority)
+        lease.pending[pool.pool_id].difference_update(m.block_ids)
+        return p.OkReply(m.req, n)
+
+    def _release(self, m: p.Release) -> p.Reply:
+        lease = self.leases.get(m.client_id)
+        pool = self._pool(m.pool_id)
+        self._check_ids(pool, m.block_ids)
+        held = lease.pins.get(pool.pool_id, Counter())
+        want = Counter(m.block_ids)
+        missing = [b for b, n in want.items() if held[b] < n]
+        if missing:
+            raise RequestError(f"client {lease.client_id} holds no pin on blocks {missing[:8]}", ErrorCode.NOT_PINNED)
+        pool.unpin(m.block_ids)
+        held.subtract(want)
+        for b in want:
+            if held[b] == 0:
+                del held[b]
+        return p.OkReply(m.req, len(m.block_ids))
+
+    def _free(self, m: p.Free) -> p.Reply:
+        lease = self.leases.get(m.client_id)
+        pool = self._pool(m.pool_id)
+        self._check_pending(pool, lease, m.block_ids)
+        pool.free(m.block_ids)
+        lease.pending[pool.pool_id].difference_update(m.block_ids)
+        return p.OkReply(m.req, len(m.block_ids))
+
+    def _touch(self, m: p.Touch) -> p.Reply:
+        self.leases.get(m.client_id)
+        pool = self._pool(m.pool_id)
+        _check_hashes(m.hashes)
+        if m.priority is not None and not -2**15 <= m.priority < 2**15:
+            raise RequestError(f"priority {m.priority} out of range")
+        return p.OkReply(m.req, pool.touch(m.hashes, m.priority))
+
+    def _invalidate(self, m: p.Invalidate) -> p.Reply:
+        lease = self.leases.get(m.client_id)
+        pool = self._pool(m.pool_id)
+        self._check_ids(pool, m.block_ids)
+        n = pool.invalidate(m.block_ids)
+        if n:
+            log.warning("client %d invalidated %d block(s) of pool %d: %s", lease.client_id, n, pool.pool_id,
+                        m.reason or "no reason given")
+        return p.OkReply(m.req, n)
+
+    def _heartbeat(self, m: p.Heartbeat) -> p.Reply:
+        self.leases.get(m.client_id)
+        return p.OkReply(m.req)
+
+    def _goodbye(self, m: p.Goodbye) -> p.Reply:
+        lease = self.leases.close(m.client_id)
+        if lease is not None:
+            self._end_lease(lease)
+        return p.OkReply(m.req)
+
+    def _stats(self, m: p.Stats) -> p.Reply:
+        now = time.monotonic()
+        pools = [
+            p.PoolStats(pool_id=pool.pool_id, model=pool.model, fingerprint=pool.fingerprint,
+                        segment=pool.segment.name, num_blocks=pool.num_blocks,
+                        block_bytes=pool.segment.block_bytes, counters=pool.counters(), **pool.stats())
+            for pool in self.pools.values()
+        ]
+        clients = [p.ClientInfo(lease.client_id, lease.name, lease.pid, lease.num_pins(), lease.num_pending(),
+                                int((lease.expires_at - now) * 1000)) for lease in self.leases]
+        return p.StatsReply(m.req, self.config.instance, self.instance_id, os.getpid(), now - self.started,
+                            self.config.cpu_cache_bytes, self.used_bytes, pools, clients,
+                            dict(self.counters))
+
+    # ------------------------------------------------------------ helpers
+
+    def _pool(self, pool_id: int) -> BlockPool:
+        pool = self.pools.get(pool_id)
+        if pool is None:
+            raise RequestError(f"unknown pool {pool_id}", ErrorCode.UNKNOWN_POOL)
+        return pool
+
+    @staticmethod
+    def _check_ids(pool: BlockPool, ids: list[int]) -> None:
+        bad = [b for b in ids if not 0 <= b < pool.num_blocks]
+        if bad:
+            raise RequestError(f"unknown block ids {bad[:8]} (pool {pool.pool_id} has {pool.num_blocks} blocks)",
+                               ErrorCode.UNKNOWN_BLOCK)
+
+    def _check_pending(self, pool: BlockPool, lease: Lease, ids: list[int]) -> None:
+        self._check_ids(pool, ids)
+        if len(set(ids)) != len(ids):
+            raise RequestError("block ids repeat within the batch")
+        mine = lease.pending.get(pool.pool_id, set())
+        foreign = [b for b in ids if b not in mine]
+        if foreign:
+            raise RequestError(f"blocks {foreign[:8]} are not being written by client {lease.client_id}",
+                               ErrorCode.NOT_OWNER)
+
+    def _end_lease(self, lease: Lease) -> None:
+        for pool_id, pins in lease.pins.items():
+            if pool_id in self.pools and pins:
+                self.pools[pool_id].unpin(list(pins.elements()))
+        for pool_id, pending in lease.pending.items():
+            if pool_id in self.pools and pending:
+                self.pools[pool_id].free(sorted(pending))
+        lease.pins.clear()
+        lease.pending.clear()
+
+    def _start_pool(self, ns: Namespace, cache_bytes: int) -> concurrent.futures.Future:
+        budget = self.config.cpu_cache_bytes
+        free = budget - self._reserved_bytes
+        want = cache_bytes or budget // ns.tp_size
+        size_cap = min(want, free)
+        num_blocks = PoolSegment.blocks_for(size_cap, ns.kv.block_bytes)
+        if num_blocks < 1:
+            raise CapacityError(
+                f"cpu cache budget exhausted: {free / 2**20:.1f} MiB of {budget / 2**20:.1f} MiB left, "
+                f"a pool for {ns.model!r} needs at least {PoolSegment.size_for(1, ns.kv.block_bytes) / 2**20:.2f} MiB")
+        size = PoolSegment.size_for(num_blocks, ns.kv.block_bytes)
+        pool_id = max([*self.pools, *self._pending_ids(), -1]) + 1
+        fp = ns.fingerprint
+        self._reserved_bytes += size
+        fut = self._executor.submit(
+            PoolSegment.create, f"kvbm-{self.config.instance}-pool-{pool_id}", pool_id=pool_id,
+            num_blocks=num_blocks, block_bytes=ns.kv.block_bytes, instance=self.config.instance,
+            segment_id=uuid.uuid4().hex, fingerprint=fp, namespace=msgspec.msgpack.encode(ns))
+        fut.pool_id, fut.size = pool_id, size
+        self._creating[fp] = fut
+        log.info("creating pool %d for %s: %d blocks of %d bytes (%.1f MiB)", pool_id, ns.model, num_blocks,
+                 ns.kv.block_bytes, size / 2**20)
+        return fut
+
+    def _pending_ids(self) -> list[int]:
+        return [f.pool_id for f in self._creating.values()]
+
+    def _pool_created(self, req: int, ns: Namespace, fut: concurrent.futures.Future) -> p.Reply:
+        """Runs on the loop for every request that waited on the creation `fut`."""
+        fp = ns.fingerprint
+        if fp not in self._by_fingerprint:
+            if self._creating.get(fp) is fut:
+                del self._creating[fp]
+                self._reserved_bytes -= fut.size
+            self._add_pool(fut.pool_id, fut.result(), ns)  # a failed creation raises for every waiter
+        return self._pool_reply(req, self._by_fingerprint[fp])
+
+    def _add_pool(self, pool_id: int, seg: PoolSegment, ns: Namespace) -> BlockPool:
+        pool = BlockPool(pool_id, seg, ns.model, self._events.append)
+        self.pools[pool_id] = pool
+        self._pool_bytes[pool_id] = seg.segment.size
+        self._reserved_bytes += seg.segment.size
+        self._by_fingerprint[ns.fingerprint] = pool_id
+        return pool
+
+    def _pool_reply(self, req: int, pool_id: int) -> p.PoolReply:
+        pool = self.pools[pool_id]
+        return p.PoolReply(req, pool_id, pool.segment.name, pool.segment.segment_id, pool.num_blocks,
+                           pool.segment.block_bytes)
+
+
+def _check_hashes(hashes: list[bytes]) -> None:
+    for h in hashes:
+        if len(h) != HASH_BYTES:
+            raise RequestError(f"sequence hashes are {HASH_BYTES} bytes, got one of {len(h)}")

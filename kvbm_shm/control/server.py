@@ -1,0 +1,187 @@
+"""The coordinator process: ZeroMQ sockets and the server loop around a `Coordinator`.
+
+`serve(config)` claims the instance's runtime directory (refusing a second live coordinator,
+taking over from a dead one and adopting the pools it left), binds a ROUTER socket for requests
+and a PUB socket for KV events, writes the runtime file, then loops until SIGTERM/SIGINT or
+`stop()`: it answers every request (a frame it cannot decode gets an `ErrorReply`, never
+silence), completes deferred replies, publishes the events of each iteration as one numbered
+batch, and sweeps leases. On the way out it unlinks every segment and removes its socket files
+and runtime file. A handler never blocks the loop; slow work runs as a `Deferred`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Callable
+
+import zmq
+
+from .. import protocol as p
+from .. import runtime
+from ..config import ServiceConfig
+from ..errors import CapacityError, ErrorCode, KvbmError
+from ..shm import shm_free_bytes
+from .coordinator import Coordinator, Deferred
+from .supervisor import WorkerGroup
+
+log = logging.getLogger(__name__)
+
+_BATCH = 256  # requests handled per wake-up before events and timers get a turn
+
+
+class Server:
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self.dir = runtime.prepare_dir(config.instance_dir)
+        self._lock_fd = runtime.claim(self.dir)
+        self.endpoint = runtime.endpoint(self.dir, runtime.CONTROL_SOCKET)
+        self.events_endpoint = runtime.endpoint(self.dir, runtime.EVENTS_SOCKET)
+        self._stop = threading.Event()
+        self._deferred: list[tuple[bytes, Deferred]] = []
+        self._event_seq = 0
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.workers: dict[str, WorkerGroup] = {}  # worker processes by kind, for the tiers that use them
+        self.coordinator = Coordinator(config, self.events_endpoint, self.workers)
+        try:
+            self.coordinator.recover()
+            self._check_shm_room()
+            for s in (self.router, self.pub):
+                s.setsockopt(zmq.LINGER, 0)
+            self.router.setsockopt(zmq.MAXMSGSIZE, 4 * config.max_frame_bytes)
+            self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self.router.setsockopt(zmq.SNDHWM, 0)
+            self.router.bind(self.endpoint)
+            self.pub.bind(self.events_endpoint)
+            runtime.write_info(self.dir, runtime.RuntimeInfo(
+                config.instance, self.coordinator.instance_id, os.getpid(), p.PROTOCOL_VERSION,
+                self.endpoint, self.events_endpoint, time.time(), config.metrics_port))
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_shm_room(self) -> None:
+        """Refuse to start with a budget /dev/shm cannot hold: fail now, not at the first engine."""
+        have = shm_free_bytes() + self.coordinator.used_bytes
+        if self.config.cpu_cache_bytes > have:
+            raise CapacityError(
+                f"cpu_cache_gb={self.config.cpu_cache_gb:g} asks {self.config.cpu_cache_bytes / 2**30:.2f} GiB "
+                f"but /dev/shm has {have / 2**30:.2f} GiB free; lower --cpu-cache-gb or enlarge /dev/shm "
+                "(docker: --shm-size)", ErrorCode.SHM_FULL)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self, on_status: Callable[[p.StatsReply], None] | None = None, status_interval_s: float = 1.0) -> None:
+        sweep_every = min(max(self.config.lease_ms / 4000, 0.02), 1.0)
+        next_sweep = next_status = time.monotonic()
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        groups = {group.socket: group for group in self.workers.values()}
+        for sock in groups:
+            poller.register(sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            timeout_ms = 2 if self._deferred else 100
+            for sock, _ in poller.poll(timeout_ms):
+                if sock is self.router:
+                    self._drain()
+                else:
+                    groups[sock].on_readable()
+            if self._deferred:
+                self._complete_deferred()
+            now = time.monotonic()
+            if now >= next_sweep:
+                self.coordinator.sweep(now)
+                for group in self.workers.values():
+                    group.check()
+                next_sweep = now + sweep_every
+            self._publish_events()
+            if on_status is not None and now >= next_status:
+                on_status(self.coordinator.handle(p.Stats(0)))
+                next_status = now + status_interval_s
+
+    def _drain(self) -> None:
+        for _ in range(_BATCH):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity, frames = frames[0], frames[1:]
+            reply = self._answer(frames)
+            if isinstance(reply, Deferred):
+                self._deferred.append((identity, reply))
+            else:
+                self._send(identity, reply)
+
+    def _answer(self, frames: list[bytes]) -> p.Reply | Deferred:
+        size = sum(len(f) for f in frames)
+        if size > self.config.max_frame_bytes:
+            req = p.request_id(frames[1]) if len(frames) > 1 and len(frames[1]) < 64 else 0
+            return self.coordinator.error_reply(req, KvbmError(
+                f"request of {size} bytes exceeds max_frame_bytes {self.config.max_frame_bytes}",
+                ErrorCode.FRAME_TOO_LARGE))
+        try:
+            msg = p.decode_request(frames)
+        except KvbmError as e:
+            return self.coordinator.error_reply(p.request_id(frames[1]) if len(frames) > 1 else 0, e)
+        try:
+            return self.coordinator.handle(msg)
+        except Exception as e:  # a bug must not take the node's cache down: answer and go on
+            log.exception("request %r failed", type(msg).__name__)
+            return self.coordinator.error_reply(msg.req, KvbmError(f"internal error: {e}", ErrorCode.INTERNAL))
+
+    def _complete_deferred(self) -> None:
+        waiting = []
+        for identity, d in self._deferred:
+            if d.future.done():
+                self._send(identity, self.coordinator.complete(d))
+            else:
+                waiting.append((identity, d))
+        self._deferred = waiting
+
+    def _send(self, identity: bytes, reply: p.Reply) -> None:
+        try:
+            self.router.send_multipart([identity, *p.encode(reply)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # the client went away; its lease will expire
+            log.debug("dropping reply %d: %s", reply.req, e)
+
+    def _publish_events(self) -> None:
+        events = self.coordinator.take_events()
+        if not events:
+            return
+        self._event_seq += 1
+        batch = p.EventBatch(self._event_seq, self.coordinator.instance_id, time.time_ns(), events)
+        self.pub.send_multipart([p.EVENTS_TOPIC, *p.encode(batch)])
+
+    def close(self) -> None:
+        """Unlink every segment and remove the runtime files (clean shutdown)."""
+        for identity, d in self._deferred:
+            d.future.cancel()
+        for group in self.workers.values():
+            group.close()
+        self.coordinator.close()
+        self.router.close(0)
+        self.pub.close(0)
+        self.ctx.term()
+        runtime.remove(self.dir)
+        os.close(self._lock_fd)
+
+
+def serve(config: ServiceConfig, on_ready: Callable[[Server], None] | None = None,
+          on_status: Callable[[p.StatsReply], None] | None = None) -> None:
+    """Run a coordinator in this process until SIGTERM or SIGINT."""
+    server = Server(config)
+    previous = {sig: signal.signal(sig, lambda *_: server.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if on_ready is not None:
+            on_ready(server)
+        server.run(on_status)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.close()

@@ -1,0 +1,8 @@
+"""Copy engines: move the chunks of KV blocks between an engine's tensors and contiguous blocks.
+
+Every engine works from a `layout.ChunkTable` (where each chunk of a device block lives) and
+the addresses of the contiguous G2 blocks. `gather` copies device blocks into G2 blocks
+(offload/store); `scatter` copies G2 blocks into device blocks (onboard/load).
+
+- `cpu_copy`: host memory on both sides (CPU engines and the CPU stand-in of a GPU engine).
+"""

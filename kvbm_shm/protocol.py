@@ -1,0 +1,346 @@
+"""The wire protocol between clients and the coordinator, and the KV event stream.
+
+Frames of a request (client DEALER -> coordinator ROUTER):
+
+    [VERSION][body][raw buffer]*
+
+`VERSION` is `b"kvbm/<PROTOCOL_VERSION>"`; `body` is a msgspec-msgpack encoded `Request`, a
+tagged union encoded as an array `[op, req, fields...]`. A reply has the same frames, with `body` a `Reply` tagged on
+`kind`; every reply carries the `req` id of its request, and a failure is an `ErrorReply`
+(code from `errors.ErrorCode`, message, retryable). KV events go out on the PUB socket as
+`[b"kv"][VERSION][EventBatch]`, each batch numbered by `seq` (no gaps while the coordinator
+lives; a subscriber that sees a gap or a new `instance_id` has missed events).
+
+Nothing that crosses a process boundary is pickled. Field order is part of the protocol; new
+fields go last with a default, and incompatible changes bump `PROTOCOL_VERSION`.
+
+Block ids in `AllocateReply.block_ids` are pool block indices >= 0, or one of the sentinels
+`ALREADY_STORED` (the hash is registered: nothing to write), `IN_FLIGHT` (another client is
+writing it) and `NO_ROOM` (nothing could be evicted to make room).
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from .errors import ErrorCode, ProtocolError
+from .layout import Namespace
+
+PROTOCOL_VERSION = 1
+VERSION_FRAME = b"kvbm/%d" % PROTOCOL_VERSION
+EVENTS_TOPIC = b"kv"
+
+ALREADY_STORED = -1
+IN_FLIGHT = -2
+NO_ROOM = -3
+
+
+class Tier:
+    """Where a block's bytes are. Values are carried in replies and events."""
+
+    DEVICE = 1  # G1: an engine's own KV tensors
+    CPU = 2  # G2: a shm pool block
+    DISK = 3  # G3: a block file
+
+
+# ---------------------------------------------------------------- requests
+
+
+class _Request(msgspec.Struct, tag_field="op", array_like=True):
+    req: int
+
+
+class Hello(_Request, tag="hello"):
+    """First call: checks the protocol and opens a lease for the calling process."""
+
+    name: str
+    pid: int
+    protocol: int = PROTOCOL_VERSION
+
+
+class RegisterLayout(_Request, tag="register_layout"):
+    """Get (or create) the G2 pool of a namespace. `cache_bytes` 0: the coordinator sizes it."""
+
+    client_id: int
+    namespace: Namespace
+    cache_bytes: int = 0
+
+
+class Lookup(_Request, tag="lookup"):
+    """Longest cached prefix of `hashes`; with `pin`, the hits are pinned under the lease."""
+
+    client_id: int
+    pool_id: int
+    hashes: list[bytes]
+    pin: bool = False
+
+
+class Allocate(_Request, tag="allocate"):
+    """Prepare a store: a Partial block owned by the caller for every hash not yet cached."""
+
+    client_id: int
+    pool_id: int
+    hashes: list[bytes]
+
+
+class Commit(_Request, tag="commit"):
+    """The caller filled these Partial blocks: register them (matchable) with their checksums."""
+
+    client_id: int
+    pool_id: int
+    block_ids: list[int]
+    checksums: list[int]
+    priority: int = 0
+
+
+class Release(_Request, tag="release"):
+    """Drop one pin per listed block."""
+
+    client_id: int
+    pool_id: int
+    block_ids: list[int]
+
+
+class Free(_Request, tag="free"):
+    """Abort unfinished (Partial) blocks owned by the caller: back to the pool."""
+
+    client_id: int
+    pool_id: int
+    block_ids: list[int]
+
+
+class Touch(_Request, tag="touch"):
+    """Mark cached hashes as used now (LRU), optionally setting their eviction priority."""
+
+    client_id: int
+    pool_id: int
+    hashes: list[bytes]
+    priority: int | None = None
+
+
+class Invalidate(_Request, tag="invalidate"):
+    """The caller found these blocks' bytes bad (checksum mismatch): drop them from the cache."""
+
+    client_id: int
+    pool_id: int
+    block_ids: list[int]
+    reason: str = ""
+
+
+class Heartbeat(_Request, tag="heartbeat"):
+    client_id: int
+
+
+class Goodbye(_Request, tag="goodbye"):
+    """Close the lease now: pins dropped, unfinished blocks freed."""
+
+    client_id: int
+
+
+class Stats(_Request, tag="stats"):
+    pass
+
+
+Request = Union[Hello, RegisterLayout, Lookup, Allocate, Commit, Release, Free, Touch, Invalidate,
+                Heartbeat, Goodbye, Stats]
+
+# ---------------------------------------------------------------- replies
+
+
+class _Reply(msgspec.Struct, tag_field="kind", array_like=True):
+    req: int
+
+
+class ErrorReply(_Reply, tag="error"):
+    code: int
+    message: str
+    retryable: bool = False
+
+
+class OkReply(_Reply, tag="ok"):
+    count: int = 0
+
+
+class HelloReply(_Reply, tag="hello"):
+    client_id: int
+    lease_ms: int
+    instance: str
+    instance_id: str  # changes on every coordinator start
+    coordinator_pid: int
+    events_endpoint: str
+
+
+class PoolReply(_Reply, tag="pool"):
+    pool_id: int
+    segment: str  # shm name to attach
+    segment_id: str  # changes whenever the segment is recreated: re-attach then
+    num_blocks: int
+    block_bytes: int
+
+
+class LookupReply(_Reply, tag="lookup"):
+    block_ids: list[int]  # the hit prefix, in order
+    tiers: list[int]  # where each hit was found (the block is in G2 now)
+
+
+class AllocateReply(_Reply, tag="allocate"):
+    block_ids: list[int]  # one per hash: a block to fill, or a sentinel
+
+
+class PoolStats(msgspec.Struct):
+    pool_id: int
+    model: str
+    fingerprint: str
+    segment: str
+    num_blocks: int
+    block_bytes: int
+    free: int
+    partial: int
+    registered: int
+    pinned: int
+    inactive: int
+    counters: dict[str, int]
+
+
+class ClientInfo(msgspec.Struct):
+    client_id: int
+    name: str
+    pid: int
+    pins: int
+    pending: int
+    expires_in_ms: int
+
+
+class StatsReply(_Reply, tag="stats"):
+    instance: str
+    instance_id: str
+    pid: int
+    uptime_s: float
+    cpu_cache_bytes: int
+    cpu_used_bytes: int
+    pools: list[PoolStats]
+    clients: list[ClientInfo]
+    counters: dict[str, int]
+
+
+Reply = Union[ErrorReply, OkReply, HelloReply, PoolReply, LookupReply, AllocateReply, StatsReply]
+
+# ---------------------------------------------------------------- events
+
+
+class BlockStored(msgspec.Struct, tag="stored"):
+    pool_id: int
+    fingerprint: str
+    hashes: list[bytes]
+    tier: int
+
+
+class BlockRemoved(msgspec.Struct, tag="removed"):
+    pool_id: int
+    fingerprint: str
+    hashes: list[bytes]
+    tier: int
+
+
+class PoolCleared(msgspec.Struct, tag="cleared"):
+    pool_id: int
+    fingerprint: str
+
+
+Event = Union[BlockStored, BlockRemoved, PoolCleared]
+
+
+class EventBatch(msgspec.Struct):
+    seq: int
+    instance_id: str
+    ts_ns: int
+    events: list[Event]
+
+
+# ---------------------------------------------------------------- encoding
+
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_event_decoder = msgspec.msgpack.Decoder(EventBatch)
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: msgspec.Struct) -> list[bytes]:
+    """Frames for a request, reply or event batch."""
+    return [VERSION_FRAME, _encoder.encode(msg)]
+
+
+def _body(frames: list) -> bytes:
+    if len(frames) < 2:
+        raise ProtocolError(f"expected [version][body], got {len(frames)} frame(s)")
+    version = bytes(frames[0])
+    if version != VERSION_FRAME:
+        if version.startswith(b"kvbm/"):
+            raise ProtocolError(
+                f"protocol version {version[5:].decode(errors='replace')!r} is not supported; "
+                f"this side speaks {PROTOCOL_VERSION}", ErrorCode.BAD_VERSION)
+        raise ProtocolError("first frame is not a kvbm version frame", ErrorCode.BAD_FRAME)
+    return frames[1]
+
+
+def decode_request(frames: list) -> Request:
+    body = _body(frames)
+    try:
+        return _request_decoder.decode(body)
+    except msgspec.ValidationError as e:
+        code = ErrorCode.UNKNOWN_OP if str(e).endswith("`$[0]`") else ErrorCode.BAD_REQUEST
+        raise ProtocolError(f"invalid request: {e}", code) from e
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"request body is not msgpack: {e}") from e
+
+
+def decode_reply(frames: list) -> Reply:
+    try:
+        return _reply_decoder.decode(_body(frames))
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise ProtocolError(f"invalid reply: {e}") from e
+
+
+def decode_events(frames: list) -> EventBatch:
+    """Decode `[topic][version][batch]` from the PUB socket."""
+    if len(frames) < 3 or frames[0] != EVENTS_TOPIC:
+        raise ProtocolError("not a kv event message")
+    try:
+        return _event_decoder.decode(_body(frames[1:]))
+    except (msgspec.ValidationError, msgspec.DecodeError) as e:
+        raise ProtocolError(f"invalid event batch: {e}") from e
+
+
+def request_id(body: bytes) -> int:
+    """Best-effort request id of an undecodable body, so that its error reply can be matched."""
+    try:
+        value = msgspec.msgpack.decode(body)
+        return int(value[1]) if isinstance(value, list) and len(value) > 1 else 0
+    except (msgspec.DecodeError, TypeError, ValueError):
+        return 0
+
+
+# ---------------------------------------------------------------- worker jobs
+#
+# Coordinator (ROUTER, one socket per worker kind) <-> worker processes (DEALER, identity = the
+# worker's name). A worker announces itself with `WorkerReady`, then receives jobs and answers
+# each with one `JobDone` naming its `job_id`. Frames are the same `[VERSION][body]` as above.
+
+
+class WorkerReady(msgspec.Struct, tag="ready", array_like=True):
+    name: str
+    pid: int
+
+
+class JobDone(msgspec.Struct, tag="done", array_like=True):
+    job_id: int
+    ok: bool
+    error: str = ""
+    failed: list[int] = []  # positions within the job's batch that did not complete
+    nbytes: int = 0  # bytes moved
+
+
+class _Job(msgspec.Struct, tag_field="job", array_like=True):
+    job_id: int

@@ -1,0 +1,325 @@
+"""POSIX shared-memory segments and the G2 pool segment format.
+
+Primitives:
+- `Segment.create(name, size)` / `Segment.attach(name)` / `Segment.close()` / `unlink(name)`:
+  a segment is a file under /dev/shm, sized with posix_fallocate (so a full /dev/shm fails at
+  creation with `CapacityError`, never with SIGBUS on first write) and mapped with MAP_POPULATE
+  (pre-faulted). It is never registered with multiprocessing's resource tracker: the creator
+  owns the unlink, attachers only close.
+- `PoolSegment`: one G2 pool. Layout of the segment:
+
+      [header: 4 KiB][block table: num_blocks x 64-byte records][pad to 4 KiB][block data]
+
+  The header holds magic, format version, geometry, pool id, the coordinator's pid and
+  instance, the namespace (msgpack) and shared counters. A block record holds state, sequence
+  hash, ref count, generation, checksum, last use, priority and owner. Block i's bytes are
+  `block_bytes` long at `data_offset + i * block_stride` (4 KiB aligned, for O_DIRECT).
+  The coordinator is the only writer of header and table; it brackets every record update
+  with `generation += 1` (odd while writing), and readers use `read_records`, which retries
+  records whose generation moved or was odd (a seqlock), so tools can read without the
+  coordinator.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import mmap
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CapacityError, CorruptionError, ErrorCode
+
+SHM_DIR = Path("/dev/shm")
+SEGMENT_PREFIX = "kvbm-"
+PAGE = 4096
+POOL_MAGIC = b"KVBMPOOL"
+POOL_FORMAT_VERSION = 1
+HEADER_BYTES = 4096
+MAX_NAMESPACE_BYTES = 2048
+
+
+class BlockState(enum.IntEnum):
+    """Lifecycle of a block: RESET -> PARTIAL -> COMPLETE -> REGISTERED -> (evicted) RESET."""
+
+    RESET = 0  # free
+    PARTIAL = 1  # allocated to a writer, bytes being written
+    COMPLETE = 2  # bytes written, not yet matchable
+    REGISTERED = 3  # matchable by hash
+
+
+RECORD_DTYPE = np.dtype([
+    ("generation", "<u8"),
+    ("hash", "V16"),
+    ("checksum", "<u8"),
+    ("last_use_ns", "<u8"),
+    ("refcount", "<u4"),
+    ("owner", "<u4"),  # client id of the writer (Partial) or the last pinner
+    ("hits", "<u4"),
+    ("priority", "<i2"),
+    ("state", "u1"),
+    ("tier", "u1"),  # 2: bytes in this pool; 3: also on disk
+    ("pad", "V8"),
+])
+assert RECORD_DTYPE.itemsize == 64
+
+COUNTER_NAMES = ("lookups", "lookup_blocks", "hit_blocks", "stored_blocks", "dedup_blocks",
+                 "evicted_blocks", "no_room_blocks", "freed_blocks", "invalidated_blocks",
+                 "loaded_blocks", "expired_leases")
+
+HEADER_DTYPE = np.dtype([
+    ("magic", "S8"),
+    ("format_version", "<u4"),
+    ("header_bytes", "<u4"),
+    ("record_bytes", "<u4"),
+    ("pool_id", "<u4"),
+    ("num_blocks", "<u8"),
+    ("block_bytes", "<u8"),
+    ("block_stride", "<u8"),
+    ("table_offset", "<u8"),
+    ("data_offset", "<u8"),
+    ("coordinator_pid", "<u4"),
+    ("namespace_len", "<u4"),
+    ("created_ns", "<u8"),
+    ("instance", "S48"),
+    ("segment_id", "S32"),
+    ("fingerprint", "S32"),
+    ("counters", "<u8", (32,)),
+    ("namespace", "S%d" % MAX_NAMESPACE_BYTES),
+])
+assert HEADER_DTYPE.itemsize <= HEADER_BYTES
+
+
+def round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def shm_free_bytes() -> int:
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize
+
+
+def unlink(name: str) -> bool:
+    """Remove a segment by name; False if it was already gone."""
+    try:
+        os.unlink(SHM_DIR / name)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def list_segments(prefix: str = SEGMENT_PREFIX) -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+class Segment:
+    """A mapped shm segment. `buf` is the mmap; numpy views come from `view`."""
+
+    def __init__(self, name: str, fd: int, size: int, writable: bool):
+        self.name = name
+        self.size = size
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        try:
+            self.buf = mmap.mmap(fd, size, flags=flags, prot=prot)
+        finally:
+            os.close(fd)
+        self.writable = writable
+
+    @classmethod
+    def create(cls, name: str, size: int) -> "Segment":
+        """Create and pre-fault a new segment. CapacityError when /dev/shm cannot hold it."""
+        _check_name(name)
+        free = shm_free_bytes()
+        if size > free:
+            raise CapacityError(
+                f"/dev/shm has {free / 2**20:.1f} MiB free, segment {name} needs {size / 2**20:.1f} MiB; "
+                "lower cpu_cache_gb or enlarge /dev/shm (e.g. docker --shm-size)", ErrorCode.SHM_FULL)
+        path = SHM_DIR / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            os.close(fd)
+            os.unlink(path)
+            if e.errno in (errno.ENOSPC, errno.ENOMEM):
+                raise CapacityError(
+                    f"/dev/shm ran out of space creating {name} ({size / 2**20:.1f} MiB asked, "
+                    f"{shm_free_bytes() / 2**20:.1f} MiB free)", ErrorCode.SHM_FULL) from e
+            raise
+        try:
+            return cls(name, fd, size, writable=True)
+        except BaseException:
+            os.unlink(path)
+            raise
+
+    @classmethod
+    def attach(cls, name: str, writable: bool = True) -> "Segment":
+        """Map an existing segment. FileNotFoundError if it does not exist."""
+        _check_name(name)
+        fd = os.open(SHM_DIR / name, os.O_RDWR if writable else os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        if size == 0:
+            os.close(fd)
+            raise CorruptionError(f"segment {name} is empty")
+        return cls(name, fd, size, writable)
+
+    def view(self, dtype, offset: int = 0, count: int = -1) -> np.ndarray:
+        arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=offset)
+        return arr
+
+    def address(self) -> int:
+        """Address of the first byte of the mapping in this process."""
+        return np.frombuffer(self.buf, np.uint8, count=1).ctypes.data
+
+    def close(self) -> None:
+        """Unmap. Views handed out must be dropped first; if one is still alive the map stays
+        until it is garbage-collected (never a dangling pointer)."""
+        try:
+            self.buf.close()
+        except BufferError:
+            pass
+
+
+def _check_name(name: str) -> None:
+    if "/" in name or not name.startswith(SEGMENT_PREFIX):
+        raise ValueError(f"segment name {name!r} must start with {SEGMENT_PREFIX!r} and contain no '/'")
+
+
+class PoolSegment:
+    """A G2 pool: header, block table and block data in one segment (see module docstring)."""
+
+    def __init__(self, seg: Segment):
+        self.segment = seg
+        self.header = seg.view(HEADER_DTYPE, 0, 1)[0]
+        h = self.header
+        if bytes(h["magic"]) != POOL_MAGIC:
+            raise CorruptionError(f"segment {seg.name} is not a kvbm pool (bad magic)")
+        if int(h["format_version"]) != POOL_FORMAT_VERSION:
+            raise CorruptionError(
+                f"segment {seg.name} has pool format {int(h['format_version'])}, this build reads {POOL_FORMAT_VERSION}")
+        self.num_blocks = int(h["num_blocks"])
+        self.block_bytes = int(h["block_bytes"])
+        self.block_stride = int(h["block_stride"])
+        self.data_offset = int(h["data_offset"])
+        table_offset = int(h["table_offset"])
+        if (int(h["record_bytes"]) != RECORD_DTYPE.itemsize or self.block_stride < self.block_bytes
+                or table_offset < HEADER_BYTES
+                or table_offset + self.num_blocks * RECORD_DTYPE.itemsize > self.data_offset
+                or self.data_offset + self.num_blocks * self.block_stride > seg.size):
+            raise CorruptionError(f"segment {seg.name} has an inconsistent header")
+        self.table = seg.view(RECORD_DTYPE, table_offset, self.num_blocks)
+        self.data = seg.view(np.uint8, self.data_offset, self.num_blocks * self.block_stride)
+        self.data_address = seg.address() + self.data_offset
+        self.counters = h["counters"]
+
+    @staticmethod
+    def size_for(num_blocks: int, block_bytes: int) -> int:
+        stride = round_up(block_bytes, PAGE)
+        return round_up(HEADER_BYTES + num_blocks * RECORD_DTYPE.itemsize, PAGE) + num_blocks * stride
+
+    @staticmethod
+    def blocks_for(budget_bytes: int, block_bytes: int) -> int:
+        """How many blocks a segment of at most `budget_bytes` holds."""
+        per_block = round_up(block_bytes, PAGE) + RECORD_DTYPE.itemsize
+        n = max(0, (budget_bytes - HEADER_BYTES - PAGE) // per_block)
+        while n and PoolSegment.size_for(n, block_bytes) > budget_bytes:
+            n -= 1
+        return n
+
+    @classmethod
+    def create(cls, name: str, *, pool_id: int, num_blocks: int, block_bytes: int, instance: str,
+               segment_id: str, fingerprint: str, namespace: bytes) -> "PoolSegment":
+        if len(namespace) > MAX_NAMESPACE_BYTES:
+            raise ValueError(f"namespace description is {len(namespace)} bytes, at most {MAX_NAMESPACE_BYTES}")
+        stride = round_up(block_bytes, PAGE)
+        table_offset = HEADER_BYTES
+        data_offset = round_up(table_offset + num_blocks * RECORD_DTYPE.itemsize, PAGE)
+        seg = Segment.create(name, data_offset + num_blocks * stride)
+        try:
+            h = seg.view(HEADER_DTYPE, 0, 1)[0]
+            h["format_version"] = POOL_FORMAT_VERSION
+            h["header_bytes"] = HEADER_BYTES
+            h["record_bytes"] = RECORD_DTYPE.itemsize
+            h["pool_id"] = pool_id
+            h["num_blocks"] = num_blocks
+            h["block_bytes"] = block_bytes
+            h["block_stride"] = stride
+            h["table_offset"] = table_offset
+            h["data_offset"] = data_offset
+            h["coordinator_pid"] = os.getpid()
+            h["created_ns"] = time.time_ns()
+            h["instance"] = instance.encode()
+            h["segment_id"] = segment_id.encode()
+            h["fingerprint"] = fingerprint.encode()
+            h["namespace_len"] = len(namespace)
+            h["namespace"] = namespace
+            h["magic"] = POOL_MAGIC  # last: a half-written header never looks valid
+            del h
+            return cls(seg)
+        except BaseException:
+            seg.close()
+            unlink(name)
+            raise
+
+    @classmethod
+    def attach(cls, name: str, writable: bool = True) -> "PoolSegment":
+        seg = Segment.attach(name, writable)
+        try:
+            return cls(seg)
+        except BaseException:
+            seg.close()
+            raise
+
+    @property
+    def name(self) -> str:
+        return self.segment.name
+
+    @property
+    def segment_id(self) -> str:
+        return bytes(self.header["segment_id"]).decode()
+
+    @property
+    def fingerprint(self) -> str:
+        return bytes(self.header["fingerprint"]).decode()
+
+    @property
+    def namespace_bytes(self) -> bytes:
+        return bytes(self.header["namespace"])[: int(self.header["namespace_len"])]
+
+    def counter(self, name: str) -> int:
+        return int(self.counters[COUNTER_NAMES.index(name)])
+
+    def block(self, block_id: int) -> np.ndarray:
+        """Zero-copy uint8 view of one block's bytes."""
+        start = block_id * self.block_stride
+        return self.data[start:start + self.block_bytes]
+
+    def block_addresses(self, block_ids) -> np.ndarray:
+        return np.uint64(self.data_address) + np.asarray(block_ids, np.uint64) * np.uint64(self.block_stride)
+
+    def read_records(self, block_ids=None, retries: int = 100) -> np.ndarray:
+        """A consistent copy of block records (seqlock read; see module docstring)."""
+        ids = np.arange(self.num_blocks) if block_ids is None else np.asarray(block_ids, np.int64)
+        out = np.empty(len(ids), RECORD_DTYPE)
+        todo = np.arange(len(ids))
+        for _ in range(retries):
+            before = self.table["generation"][ids[todo]]
+            out[todo] = self.table[ids[todo]]
+            after = self.table["generation"][ids[todo]]
+            ok = (before == after) & (before % 2 == 0)
+            todo = todo[~ok]
+            if not len(todo):
+                return out
+        raise CorruptionError(f"records of {self.name} kept changing during {retries} reads")
+
+    def close(self) -> None:
+        for attr in ("header", "table", "data", "counters"):
+            self.__dict__.pop(attr, None)
+        self.segment.close()

@@ -1,0 +1,68 @@
+"""The worker side of the job protocol: connect, announce, run jobs one by one, answer each.
+
+`serve_jobs(endpoint, name, job_type, handle)` connects a DEALER (identity `name`) to the
+coordinator's worker socket, sends `WorkerReady`, then for each job calls `handle(job)` and
+sends back its `JobDone`. An exception in `handle` becomes `JobDone(ok=False, error=...)`: the
+worker keeps serving. The loop ends when the coordinator (the parent process) goes away or on
+SIGTERM. `worker_main` is the common command line: `--endpoint E --name N` plus extra options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+from typing import Callable
+
+import msgspec
+import zmq
+
+from .. import protocol as p
+
+log = logging.getLogger(__name__)
+
+
+def serve_jobs(endpoint: str, name: str, job_type, handle: Callable[[p._Job], p.JobDone]) -> None:
+    decoder = msgspec.msgpack.Decoder(job_type)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    parent = os.getppid()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, name.encode())
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(endpoint)
+    sock.send_multipart(p.encode(p.WorkerReady(name, os.getpid())))
+    try:
+        while not stop and os.getppid() == parent:
+            if not sock.poll(200):
+                continue
+            frames = sock.recv_multipart()
+            try:
+                job = decoder.decode(frames[1])
+            except (msgspec.MsgspecError, IndexError) as e:
+                log.error("worker %s: undecodable job: %s", name, e)
+                continue
+            try:
+                done = handle(job)
+            except Exception as e:
+                log.exception("worker %s: job %d failed", name, job.job_id)
+                done = p.JobDone(job.job_id, False, f"{type(e).__name__}: {e}")
+            sock.send_multipart(p.encode(done))
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def worker_main(description: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+                ) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--log-level", default=os.environ.get("KVBM_LOG_LEVEL", "INFO"))
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args()
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s {args.name}: %(message)s")
+    return args

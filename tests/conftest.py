@@ -1,0 +1,52 @@
+"""Shared fixtures: a unique instance per test, real coordinator processes, and the rule that
+a test leaves nothing in /dev/shm."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from kvbm_shm.shm import list_segments
+
+from .procs import CoordinatorProcess
+
+
+@pytest.fixture
+def instance() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def runtime_dir():
+    # short path: ipc:// socket paths are limited to ~107 bytes
+    path = Path(tempfile.mkdtemp(prefix="kv", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def coordinator_factory(instance, runtime_dir):
+    """Start coordinators for this test's instance; all are stopped and checked at teardown."""
+    started: list[CoordinatorProcess] = []
+
+    def start(*extra: str, **kwargs) -> CoordinatorProcess:
+        coord = CoordinatorProcess(instance, runtime_dir, *extra, **kwargs).start()
+        started.append(coord)
+        return coord
+
+    yield start
+    for coord in started:
+        coord.stop()
+    left = list_segments(f"kvbm-{instance}-")
+    for coord in started[-1:]:
+        coord.remove_leftovers()
+    assert not left, f"segments left in /dev/shm after the test: {left}"
+
+
+@pytest.fixture
+def coordinator(coordinator_factory) -> CoordinatorProcess:
+    return coordinator_factory()

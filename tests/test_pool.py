@@ -1,0 +1,125 @@
+"""The block state machine of one pool, against exact state in the shm block table."""
+
+import uuid
+
+import numpy as np
+import pytest
+
+from kvbm_shm import protocol as p
+from kvbm_shm.control.pool import BlockPool
+from kvbm_shm.shm import BlockState, PoolSegment, unlink
+
+
+def h(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+@pytest.fixture
+def make_pool():
+    made = []
+
+    def make(num_blocks=4):
+        name = f"kvbm-t{uuid.uuid4().hex[:8]}-pool-0"
+        seg = PoolSegment.create(name, pool_id=0, num_blocks=num_blocks, block_bytes=4096, instance="t",
+                                 segment_id=uuid.uuid4().hex, fingerprint="f" * 32, namespace=b"")
+        events = []
+        pool = BlockPool(0, seg, "m", events.append)
+        made.append(seg)
+        return pool, events
+
+    yield make
+    for seg in made:
+        name = seg.name
+        seg.close()
+        unlink(name)
+
+
+def store(pool, hashes, client=1, prio=0):
+    ids = pool.allocate(hashes, client)
+    pool.commit([b for b in ids if b >= 0], [7] * sum(b >= 0 for b in ids), prio)
+    return ids
+
+
+def test_lifecycle_and_table(make_pool):
+    pool, events = make_pool()
+    ids = pool.allocate([h(1), h(2)], client_id=5)
+    t = pool.table
+    assert [t["state"][b] for b in ids] == [BlockState.PARTIAL] * 2
+    assert [int(t["owner"][b]) for b in ids] == [5, 5]
+    assert pool.lookup([h(1)]) == []  # partial blocks are not matchable
+    pool.commit(ids, [11, 22], priority=0)
+    assert [t["state"][b] for b in ids] == [BlockState.REGISTERED] * 2
+    assert [int(t["checksum"][b]) for b in ids] == [11, 22]
+    assert bytes(t["hash"][ids[1]]) == h(2)
+    assert pool.lookup([h(1), h(2), h(3)]) == ids
+    assert pool.lookup([h(2), h(1)]) == [ids[1], ids[0]]
+    assert pool.lookup([h(3), h(1)]) == []  # a prefix ends at the first miss
+    assert isinstance(events[0], p.BlockStored) and events[0].hashes == [h(1), h(2)]
+    assert np.all(t["generation"] % 2 == 0)
+    records = pool.segment.read_records(ids)
+    assert records["state"].tolist() == [BlockState.REGISTERED] * 2
+
+
+def test_dedup_and_in_flight(make_pool):
+    pool, _ = make_pool()
+    first = pool.allocate([h(1)], 1)
+    assert pool.allocate([h(1)], 2) == [p.IN_FLIGHT]
+    pool.commit(first, [0], 0)
+    assert pool.allocate([h(1), h(2)], 2)[0] == p.ALREADY_STORED
+    assert pool.counters()["dedup_blocks"] == 1
+
+
+def test_eviction_lowest_priority_then_lru(make_pool):
+    pool, events = make_pool(num_blocks=4)
+    store(pool, [h(1)], prio=5)
+    store(pool, [h(2)], prio=0)
+    store(pool, [h(3)], prio=0)
+    store(pool, [h(4)], prio=0)
+    pool.lookup([h(2)])  # h2 is now more recent than h3 and h4
+    got = pool.allocate([h(10), h(11), h(12)], 1)
+    assert all(b >= 0 for b in got)
+    assert set(pool.registry) == {h(1)}  # h3, h4 (LRU), then h2; the high-priority block stays
+    removed = [e.hashes[0] for e in events if isinstance(e, p.BlockRemoved)]
+    assert removed == [h(3), h(4), h(2)]
+
+
+def test_pins_survive_pressure_and_no_room(make_pool):
+    pool, _ = make_pool(num_blocks=2)
+    ids = store(pool, [h(1), h(2)])
+    pool.pin(ids, 9)
+    assert pool.allocate([h(3)], 1) == [p.NO_ROOM]
+    pool.unpin([ids[0]])
+    assert pool.allocate([h(3)], 1) == [ids[0]]
+    assert pool.lookup([h(2)]) == [ids[1]]
+    assert int(pool.table["refcount"][ids[1]]) == 1
+
+
+def test_invalidate_pinned_block_frees_on_last_unpin(make_pool):
+    pool, events = make_pool(num_blocks=2)
+    ids = store(pool, [h(1)])
+    pool.pin(ids, 3)
+    assert pool.invalidate(ids) == 1
+    assert pool.lookup([h(1)]) == []
+    assert pool.stats()["free"] == 1
+    pool.unpin(ids)
+    assert pool.stats()["free"] == 2
+    assert pool.table["state"][ids[0]] == BlockState.RESET
+
+
+def test_free_returns_partial_blocks(make_pool):
+    pool, _ = make_pool(num_blocks=2)
+    ids = pool.allocate([h(1), h(2)], 1)
+    pool.free(ids)
+    assert pool.stats() == {"free": 2, "partial": 0, "registered": 0, "pinned": 0, "inactive": 0}
+    assert pool.allocate([h(1)], 1)[0] >= 0  # the hash is no longer in flight
+
+
+def test_recover_keeps_registered_blocks_drops_the_rest(make_pool):
+    pool, _ = make_pool(num_blocks=4)
+    ids = store(pool, [h(1), h(2)])
+    pool.pin([ids[0]], 4)
+    pool.allocate([h(3)], 4)  # partial, its writer "dies" with the coordinator
+    fresh = BlockPool(0, pool.segment, "m", lambda e: None)
+    assert fresh.recover() == 2
+    assert fresh.lookup([h(1), h(2)]) == ids
+    assert fresh.stats() == {"free": 2, "partial": 0, "registered": 2, "pinned": 0, "inactive": 2}
