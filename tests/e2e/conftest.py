@@ -1,0 +1,14 @@
+"""Fixtures for the engine end-to-end tests: the locally built tiny Llama, once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from tests.engines.tiny_llama import build_model_dir
+
+    return str(build_model_dir(tmp_path_factory.mktemp("tiny-llama"), size="tiny", seed=0))
