@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from tests.engines.tiny_llama import prompt_token_ids
-from tests.engines.vllm_runner import EngineSpec, Prompt, hf_greedy, run_engine
+from tests.engines.vllm_runner import EngineProcess, EngineSpec, Prompt, hf_greedy
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -22,10 +22,10 @@ def test_vllm_greedy_matches_hf_and_reports_its_own_prefix_hits(tiny_model_dir):
     # shares the first two full blocks with `first`, then diverges
     second = first[: 2 * BLOCK] + prompt_token_ids(30, seed=2)
 
-    run = run_engine(EngineSpec(tiny_model_dir),
-                     [[Prompt(tuple(first))], [Prompt(tuple(second))]], max_tokens=MAX_TOKENS)
+    with EngineProcess(EngineSpec(tiny_model_dir)) as engine:
+        (a,) = engine.generate([Prompt(tuple(first))], MAX_TOKENS).requests
+        (b,) = engine.generate([Prompt(tuple(second))], MAX_TOKENS).requests
 
-    (a,), (b,) = run.results
     assert a.num_cached_tokens == 0
     assert b.num_cached_tokens == 2 * BLOCK
     assert a.token_ids == hf_greedy(tiny_model_dir, first, MAX_TOKENS)
@@ -35,10 +35,9 @@ def test_vllm_greedy_matches_hf_and_reports_its_own_prefix_hits(tiny_model_dir):
 def test_cache_salt_isolates_vllm_prefix_cache(tiny_model_dir):
     prompt = tuple(prompt_token_ids(2 * BLOCK + 10, seed=3))
 
-    run = run_engine(EngineSpec(tiny_model_dir),
-                     [[Prompt(prompt, cache_salt="tenant-a")],
-                      [Prompt(prompt, cache_salt="tenant-b")],
-                      [Prompt(prompt, cache_salt="tenant-a")]], max_tokens=2)
+    with EngineProcess(EngineSpec(tiny_model_dir)) as engine:
+        results = [engine.generate([Prompt(prompt, cache_salt=salt)], 2).requests[0]
+                   for salt in ("tenant-a", "tenant-b", "tenant-a")]
 
-    assert [r.num_cached_tokens for (r,) in run.results] == [0, 0, 2 * BLOCK]
-    assert len({r.token_ids for (r,) in run.results}) == 1
+    assert [r.num_cached_tokens for r in results] == [0, 0, 2 * BLOCK]
+    assert len({r.token_ids for r in results}) == 1
