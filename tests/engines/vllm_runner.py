@@ -80,6 +80,7 @@ class EngineProcessError(RuntimeError):
 def _engine_main(spec: EngineSpec, conn) -> None:
     """Child process: start the engine, then serve ("generate", prompts, max_tokens) commands."""
     try:
+        os.dup2(2, 1)  # vLLM logs to stdout: keep the parent's stdout (a benchmark's JSON) clean
         os.environ.update(ENGINE_ENV)
         os.environ.update(spec.env)
         from vllm import LLM, SamplingParams
