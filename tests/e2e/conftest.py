@@ -1,4 +1,5 @@
-"""Fixtures for the engine end-to-end tests: the locally built tiny Llama, once per session."""
+"""Tests that need an inference engine's environment (`.venv-vllm`: vLLM, transformers); each
+module skips cleanly elsewhere. Shared fixture: the locally built tiny Llama, once per session."""
 
 from __future__ import annotations
 
