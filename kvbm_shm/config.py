@@ -53,6 +53,7 @@ class ServiceConfig:
     disk_cache_gb: float = 0.0  # G3 budget; 0 turns the disk tier off
     disk_dir: Path = dataclasses.field(default_factory=default_disk_dir)
     metrics_port: int = 0  # Prometheus endpoint; 0 turns it off
+    transfer_workers: int = 1  # G1 <-> G2 transfer worker processes; 0: only engine-driven copies
 
     def __post_init__(self) -> None:
         check_instance(self.instance)
@@ -62,6 +63,8 @@ class ServiceConfig:
             raise ConfigError(f"lease_ms must be at least 50, got {self.lease_ms}")
         if self.disk_cache_gb < 0:
             raise ConfigError(f"disk_cache_gb must not be negative, got {self.disk_cache_gb}")
+        if self.transfer_workers < 0:
+            raise ConfigError(f"transfer_workers must not be negative, got {self.transfer_workers}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 
