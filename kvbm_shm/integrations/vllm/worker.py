@@ -2,19 +2,23 @@
 
 Runs in each vLLM worker process (the engine process itself when vLLM runs in-process), on the
 model runner's thread, plus one background thread for stores. Bytes move through the client
-library (`Client.load` / `Client.store`: host-memory copies, checksummed); this module decides
-nothing, it carries out the scheduler side's `KvbmShmMetadata`.
+library's `DeviceKv`: host tensors (vLLM on CPU) in "engine" mode, where this process copies
+through the shm blocks itself (checksummed, verified on load); CUDA tensors in "worker" mode,
+where the service's transfer workers copy through CUDA IPC. This module decides nothing, it
+carries out the scheduler side's `KvbmShmMetadata`.
 
 Primitives (`WorkerSide`):
-- `register(kv_caches)`: checks vLLM's tensors against the namespace (host memory, the layout the
-  scheduler side assumed) and starts the link; once the service is up, the namespace's pool is
-  registered and the tensors bound to it. A mismatch disables the connector (logged).
-- `load(meta)`: before the forward, one `Client.load` per request (pin, verify, copy, release).
+- `register(kv_caches)`: checks vLLM's tensors against the namespace (the layout the scheduler
+  side assumed) and starts the link; once the service is up, the namespace's pool is registered
+  and the tensors with it (`DeviceKv.register`; again after a coordinator restart). A mismatch
+  disables the connector (logged).
+- `load(meta)`: before the forward, one onboard per request, waited for (on CUDA after vLLM's
+  stream has finished zeroing the new blocks).
   Blocks that did not arrive (evicted since the lookup, a corrupted copy, the service gone) are
   reported by `take_load_errors()`, so that vLLM recomputes them instead of using bad KV.
-- `queue_stores(meta)`: after the forward, one store job per step for the background thread (one
-  allocate, one copy pass, one commit). The stores of a request whose load failed in this step
-  are dropped: its new KV was computed over missing blocks.
+- `queue_stores(meta)`: after the forward, one store job (offload) per step for the background
+  thread, which on CUDA first waits for an event recorded after the forward. The stores of a
+  request whose load failed in this step are dropped: its new KV was computed over missing blocks.
 - `finished(finished_req_ids)`: of the requests vLLM has finished, those whose stores are all
   done; vLLM frees their blocks then.
 - `flush(timeout_s)`: wait for the queued stores (vLLM preempted requests, whose blocks it is
@@ -28,11 +32,15 @@ import queue
 import threading
 
 from ...config import ClientConfig
+from ...device_client import DeviceKv
+from ...errors import DeviceError, KvbmError
 from ...layout import EngineLayout, Namespace
 from ..service_link import ServiceLink
 from .layout import physical_views
 
 log = logging.getLogger(__name__)
+
+TRANSFER_WAIT_S = 60.0  # a transfer worker's copy; the blocks stay reserved until it is done
 
 
 class WorkerSide:
@@ -42,6 +50,8 @@ class WorkerSide:
         self._namespace = namespace
         self._kv_cache_config = kv_cache_config
         self._link: ServiceLink | None = None
+        self._cuda = False
+        self._device_kv: DeviceKv | None = None
         self._load_errors: set[int] = set()
         self._failed_reqs: set[str] = set()  # requests whose load failed in the current step
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -57,9 +67,8 @@ class WorkerSide:
     def register(self, kv_caches: dict) -> None:
         views = physical_views(kv_caches, self._kv_cache_config)
         devices = {t.device.type for t in views}
-        if devices != {"cpu"}:
-            log.error("kvbm-shm connector disabled: KV tensors on %s, the client library copies "
-                      "host memory only", ", ".join(sorted(devices)))
+        if len(devices) != 1 or not devices <= {"cpu", "cuda"}:
+            log.error("kvbm-shm connector disabled: KV tensors on %s", ", ".join(sorted(devices)))
             return
         expected = self._namespace.engine_layout
         found = EngineLayout.of(views, expected.tensors[0].block_axis)
@@ -67,9 +76,25 @@ class WorkerSide:
             log.error("kvbm-shm connector disabled: vLLM's KV tensors %s do not match the layout "
                       "derived from its KV cache config %s", found, expected)
             return
+        self._cuda = devices == {"cuda"}
+        mode = "worker" if self._cuda else "engine"
         namespace = self._namespace
-        self._link = ServiceLink(self._config, self._name,
-                                 lambda client: client.register_layout(namespace).bind(views))
+
+        def connect(client):
+            old, self._device_kv = self._device_kv, None
+            if old is not None:  # registered with a coordinator that is gone
+                try:
+                    old.unregister()
+                except KvbmError:
+                    pass
+            pool = client.register_layout(namespace)
+            try:
+                self._device_kv = DeviceKv.register(client, pool, views, mode)
+            except DeviceError as e:  # these tensors cannot be shared: retrying will not help
+                raise ValueError(str(e)) from e
+            return self._device_kv
+
+        self._link = ServiceLink(self._config, self._name, connect)
 
     def _call(self, fn):
         return None if self._link is None else self._link.call(fn)
@@ -77,8 +102,12 @@ class WorkerSide:
     # ------------------------------------------------------------ loads
 
     def load(self, meta) -> None:
+        if meta.loads and self._cuda:
+            import torch
+
+            torch.cuda.current_stream().synchronize()  # vLLM may still be zeroing these blocks
         for t in meta.loads:
-            result = self._call(lambda client, kv: client.load(kv, t.hashes, t.block_ids))
+            result = self._call(lambda client, kv: kv.onboard(t.hashes, t.block_ids).wait(TRANSFER_WAIT_S))
             loaded = result.loaded if result is not None else 0
             if loaded < len(t.block_ids):
                 self._load_errors.update(t.block_ids[loaded:])
@@ -106,21 +135,29 @@ class WorkerSide:
                     seen.add(h)
                     hashes.append(h)
                     block_ids.append(b)
+        written = None
+        if self._cuda and hashes:
+            import torch
+
+            written = torch.cuda.Event()
+            written.record()  # after this step's forward on vLLM's stream
         with self._cond:
             self._queued += 1
             for r in req_ids:
                 self._outstanding[r] = self._outstanding.get(r, 0) + 1
-        self._jobs.put((req_ids, hashes, block_ids))
+        self._jobs.put((req_ids, hashes, block_ids, written))
 
     def _store_loop(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            req_ids, hashes, block_ids = job
+            req_ids, hashes, block_ids, written = job
             try:
+                if written is not None:
+                    written.synchronize()
                 if hashes:
-                    self._call(lambda client, kv: client.store(kv, hashes, block_ids))
+                    self._call(lambda client, kv: kv.offload(hashes, block_ids).wait(TRANSFER_WAIT_S))
             except Exception:  # the thread's boundary: a failed store is a future miss, never a hang
                 log.exception("kvbm-shm store of %d blocks failed", len(hashes))
             with self._cond:
@@ -146,5 +183,10 @@ class WorkerSide:
         self.flush(timeout_s=10 * self._config.timeout_s)
         self._jobs.put(None)
         self._thread.join(timeout=self._config.timeout_s)
+        if self._device_kv is not None:
+            try:
+                self._device_kv.unregister()
+            except KvbmError:
+                pass
         if self._link is not None:
             self._link.close()
