@@ -19,10 +19,11 @@ Contract:
   recreated) and retries the operation once.
 - `store` writes only blocks that are not cached yet, checksums each written block (xxh3-64),
   and commits; if the copy fails, the blocks are freed, never registered.
-- `load` pins the hit prefix, verifies each block's checksum before copying it, copies the
-  verified prefix, and releases the pins. A block that fails verification is reported in
-  `LoadResult.failed`, invalidated at the coordinator, and ends the loaded prefix: bytes that
-  cannot be vouched for are never copied into the engine.
+- `load` pins the hit prefix, copies it while summing the bytes (one pass), checks every
+  block's checksum against the block table, and releases the pins. The loaded prefix ends at
+  the first block that fails: it is reported in `LoadResult.failed` and invalidated at the
+  coordinator, and the device blocks from there on count as not loaded (the engine recomputes
+  them), whatever bytes they now hold.
 - Copies go through `kernels.cpu_copy` (host memory on both sides).
 """
 
@@ -44,7 +45,7 @@ import zmq.asyncio
 from . import protocol as p
 from . import runtime
 from .config import ClientConfig
-from .errors import CoordinatorUnavailable, CorruptionError, ErrorCode, KvbmError, LeaseError, error_from_code
+from .errors import CoordinatorUnavailable, ErrorCode, KvbmError, LeaseError, error_from_code
 from .kernels import cpu_copy
 from .layout import ChunkTable, Namespace
 from .shm import PoolSegment
@@ -213,31 +214,25 @@ class _Core:
         return reply
 
     @staticmethod
-    def _check(reply: p.Reply, req: int) -> p.Reply:
+    def _check(reply: p.Reply) -> p.Reply:
         if isinstance(reply, p.ErrorReply):
             raise error_from_code(reply.code, reply.message)
         return reply
 
 
 def _gather(kv: EngineKv, device_ids: list[int], g2_ids: list[int]) -> list[int]:
-    pool = kv.pool
-    cpu_copy.gather(kv.chunks, device_ids, pool.segment.block_addresses(g2_ids))
-    return [cpu_copy.checksum(pool.segment.block(b)) for b in g2_ids]
+    """Copy device blocks into G2 blocks; their checksums."""
+    return cpu_copy.gather(kv.chunks, device_ids, kv.pool.segment.block_addresses(g2_ids)).tolist()
 
 
 def _scatter(kv: EngineKv, device_ids: Sequence[int], g2_ids: list[int], verify: bool) -> int:
-    """Copy the verified prefix of `g2_ids`; returns its length."""
+    """Copy G2 blocks into device blocks; returns the length of the prefix whose bytes verified."""
     seg = kv.pool.segment
-    good = len(g2_ids)
-    if verify:
-        expected = seg.table["checksum"][np.asarray(g2_ids)]
-        for i, b in enumerate(g2_ids):
-            if cpu_copy.checksum(seg.block(b)) != int(expected[i]):
-                good = i
-                break
-    if good:
-        cpu_copy.scatter(kv.chunks, list(device_ids[:good]), seg.block_addresses(g2_ids[:good]))
-    return good
+    sums = cpu_copy.scatter(kv.chunks, list(device_ids), seg.block_addresses(g2_ids))
+    if not verify:
+        return len(g2_ids)
+    bad = np.flatnonzero(sums != seg.table["checksum"][np.asarray(g2_ids)])
+    return int(bad[0]) if len(bad) else len(g2_ids)
 
 
 class Client(_Core):
@@ -344,7 +339,7 @@ class Client(_Core):
                     f"from {self.endpoint}", ErrorCode.TIMEOUT)
             reply = p.decode_reply(self._sock.recv_multipart())
             if reply.req == request.req:
-                return self._check(reply, request.req)
+                return self._check(reply)
 
 
 class AsyncClient(_Core):
@@ -443,7 +438,7 @@ class AsyncClient(_Core):
                     ErrorCode.TIMEOUT)
             reply = p.decode_reply(await self._sock.recv_multipart())
             if reply.req == request.req:
-                return self._check(reply, request.req)
+                return self._check(reply)
 
 
 class _Heartbeat(threading.Thread):

@@ -36,7 +36,8 @@ def test_gc_removes_orphans_and_leaves_a_live_instance_alone(coordinator_factory
         (live_segment,) = live.segments()
         dead_dir = runtime_dir / instance
         expected = {f"/dev/shm/kvbm-{instance}-pool-0", f"/dev/shm/{planted}", str(dead_dir),
-                    *(str(dead_dir / f) for f in ("control.sock", "events.sock", "runtime.json", "coordinator.lock"))}
+                    *(str(dead_dir / f) for f in ("control.sock", "events.sock", "workers-transfer.sock", "runtime.json",
+                                                      "coordinator.lock"))}
         argv = [instance, live_instance, planted_instance, "--runtime-dir", str(runtime_dir)]
 
         plan = gc_json(capsys, *argv, "--dry-run")

@@ -14,9 +14,7 @@ limit measured in the same run:
   (target >= 0.9 for blocks of 256 KiB and more), the calibration the "auto" path uses, and the
   time another process takes to import a legacy IPC handle and a VMM handle.
 
-The benchmark runs itself with the glibc tunable the transfer workers get (`kernels.copy_env`:
-non-temporal stores from 32 KiB), unless `--default-glibc`; an engine-driven copy in an engine
-process runs with whatever glibc defaults that process has. Prints a table; `--json` prints one
+Prints a table; `--json` prints one
 JSON object instead.
 
     python tools/bench_transfer.py [--gib 1] [--repeats 3] [--no-e2e] [--no-cpu] [--gpu] [--json]
@@ -45,7 +43,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvbm_shm.kernels import cpu_copy, cuda_driver  # noqa: E402
-from kvbm_shm.kernels.copy_env import NON_TEMPORAL_THRESHOLD, streaming_copy_env  # noqa: E402
 from kvbm_shm.layout import EngineLayout, KvLayout, Namespace, TensorSpec  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM = 32, 8, 128  # fp16: one 2 MiB block = 32 chunks of 64 KiB at page 16
@@ -332,7 +329,7 @@ def cpu_model() -> str:
 
 
 def print_table(report: dict) -> None:
-    print(f"machine: {report['machine']}; GLIBC_TUNABLES={report['glibc_tunables'] or '(none)'}")
+    print(f"machine: {report['machine']}")
     print(f"{'dev':4} {'path':22} {'dir':8} {'block':>8} {'chunk':>8} {'GB/s':>7} {'limit GB/s':>10} {'ratio':>6}")
     for r in report["rows"]:
         print(f"{r['device']:4} {r['path']:22} {r['direction']:8} {r['block_bytes'] >> 10:>7}K "
@@ -350,13 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-e2e", action="store_true", help="skip the runs through a coordinator")
     parser.add_argument("--gpu", action="store_true", help="fail unless the GPU part runs")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU part")
-    parser.add_argument("--default-glibc", action="store_true", help="run with this process's glibc tunables")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if not args.default_glibc and NON_TEMPORAL_THRESHOLD not in os.environ.get("GLIBC_TUNABLES", ""):
-        os.execve(sys.executable, [sys.executable, *sys.argv], streaming_copy_env(os.environ))
-    report: dict = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "rows": [],
-                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+    report: dict = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "rows": []}
     if not args.no_cpu:
         report["rows"] += bench_cpu(args.gib, args.repeats, not args.no_e2e)
     if cuda_driver.gpu_available() and torch.cuda.is_available():

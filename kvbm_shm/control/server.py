@@ -24,7 +24,6 @@ from .. import protocol as p
 from .. import runtime
 from ..config import ServiceConfig
 from ..errors import CapacityError, ErrorCode, KvbmError
-from ..kernels.copy_env import streaming_copy_env
 from ..shm import shm_free_bytes
 from .coordinator import Coordinator, Deferred
 from .devices import WORKER_KIND as TRANSFER_WORKERS
@@ -55,8 +54,7 @@ class Server:
         try:
             if config.transfer_workers:
                 self.workers[TRANSFER_WORKERS] = WorkerGroup(
-                    TRANSFER_WORKERS, "kvbm_shm.workers.transfer", config.transfer_workers, self.dir, self.ctx,
-                    env=streaming_copy_env(os.environ))
+                    TRANSFER_WORKERS, "kvbm_shm.workers.transfer", config.transfer_workers, self.dir, self.ctx)
             self.coordinator.recover()
             self._check_shm_room()
             for s in (self.router, self.pub):

@@ -42,11 +42,10 @@ _decoder = msgspec.msgpack.Decoder(p.WorkerReady | p.JobDone)
 
 class WorkerGroup:
     def __init__(self, kind: str, module: str, count: int, instance_dir: Path, ctx: zmq.Context,
-                 args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+                 args: tuple[str, ...] = ()):
         self.kind = kind
         self._module = module
         self._args = args
-        self._env = env  # the workers' environment; None: the coordinator's
         self.endpoint = runtime.endpoint(instance_dir, f"workers-{kind}.sock")
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -152,7 +151,7 @@ class WorkerGroup:
 
     def _spawn(self, name: str) -> None:
         cmd = [sys.executable, "-m", self._module, "--endpoint", self.endpoint, "--name", name, *self._args]
-        self._procs[name] = subprocess.Popen(cmd, env=self._env)
+        self._procs[name] = subprocess.Popen(cmd)
 
     def _dispatch(self) -> None:
         while self._queue and self._ready:

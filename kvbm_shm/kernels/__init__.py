@@ -4,8 +4,8 @@ Every engine works from a `layout.ChunkTable` (where each chunk of a device bloc
 the addresses of the contiguous G2 blocks. `gather` copies device blocks into G2 blocks
 (offload/store); `scatter` copies G2 blocks into device blocks (onboard/load).
 
-- `cpu_copy`: host memory on both sides (CPU engines and the CPU stand-in of a GPU engine).
-- `copy_env`: the environment a process that streams copies starts with (glibc non-temporal stores).
+- `cpu_copy`: host memory on both sides (CPU engines and the CPU stand-in of a GPU engine), through
+  `_batch_copy.c`, a batched copy with non-temporal stores (built at install; optional).
 - `cuda_copy`: a GPU and page-locked host memory: an NVRTC gather/scatter kernel and a DMA path.
 - `cuda_driver`: cuda-python loaded on first use; devices by UUID; nothing at import time.
 - `cuda_ipc`: legacy CUDA IPC handles and VMM file descriptors (export and import).
