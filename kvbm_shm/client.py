@@ -213,6 +213,10 @@ class _Core:
         reply = yield request
         return reply
 
+    def _deadline_s(self, request: p._Request) -> float:
+        """Registering a layout may create and pre-fault a pool (about a second per GiB)."""
+        return self.config.setup_timeout_s if isinstance(request, p.RegisterLayout) else self.config.timeout_s
+
     @staticmethod
     def _check(reply: p.Reply) -> p.Reply:
         if isinstance(reply, p.ErrorReply):
@@ -303,15 +307,19 @@ class Client(_Core):
     # ------------------------------------------------------------ transport
 
     def _drive(self, make_steps: Callable[[], _Step], retry: bool = True):
-        with self._lock:
-            try:
-                return self._run(make_steps())
-            except LeaseError:
-                if not retry:
-                    raise
-                log.info("lease lost (coordinator restarted?): saying hello again")
-                self._run(self._hello_step())
-                return self._run(make_steps())
+        """Run an operation; the socket is locked per call, not across copies, so one thread's
+        load does not wait for another thread's store to finish copying."""
+        lease = self.client_id
+        try:
+            return self._run(make_steps())
+        except LeaseError:
+            if not retry:
+                raise
+            with self._lock:
+                if self.client_id == lease:  # no other thread has recovered the lease yet
+                    log.info("lease lost (coordinator restarted?): saying hello again")
+                    self._run(self._hello_step())
+            return self._run(make_steps())
 
     def _run(self, steps: _Step):
         value, error = None, None
@@ -327,20 +335,22 @@ class Client(_Core):
                 error = e
 
     def _call(self, request: p._Request, timeout_s: float | None = None) -> p.Reply:
-        request.req = next(self._req)
-        deadline = time.monotonic() + (timeout_s or self.config.timeout_s)
-        if not self._sock.poll(max(deadline - time.monotonic(), 0) * 1000, zmq.POLLOUT):
-            raise CoordinatorUnavailable(f"no coordinator is listening at {self.endpoint}")
-        self._sock.send_multipart(p.encode(request), zmq.NOBLOCK)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(left * 1000):
-                raise CoordinatorUnavailable(
-                    f"{type(request).__name__} got no reply within {timeout_s or self.config.timeout_s:.3g} s "
-                    f"from {self.endpoint}", ErrorCode.TIMEOUT)
-            reply = p.decode_reply(self._sock.recv_multipart())
-            if reply.req == request.req:
-                return self._check(reply)
+        timeout = timeout_s or self._deadline_s(request)
+        with self._lock:
+            request.req = next(self._req)
+            deadline = time.monotonic() + timeout
+            if not self._sock.poll(timeout * 1000, zmq.POLLOUT):
+                raise CoordinatorUnavailable(f"no coordinator is listening at {self.endpoint}")
+            self._sock.send_multipart(p.encode(request), zmq.NOBLOCK)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._sock.poll(left * 1000):
+                    raise CoordinatorUnavailable(
+                        f"{type(request).__name__} got no reply within {timeout:.3g} s from {self.endpoint}",
+                        ErrorCode.TIMEOUT)
+                reply = p.decode_reply(self._sock.recv_multipart())
+                if reply.req == request.req:
+                    return self._check(reply)
 
 
 class AsyncClient(_Core):
@@ -426,7 +436,7 @@ class AsyncClient(_Core):
 
     async def _call(self, request: p._Request, timeout_s: float | None = None) -> p.Reply:
         request.req = next(self._req)
-        timeout = timeout_s or self.config.timeout_s
+        timeout = timeout_s or self._deadline_s(request)
         deadline = time.monotonic() + timeout
         if not await self._sock.poll(timeout * 1000, zmq.POLLOUT):
             raise CoordinatorUnavailable(f"no coordinator is listening at {self.endpoint}")

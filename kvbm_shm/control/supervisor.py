@@ -1,6 +1,7 @@
 """Worker processes of one kind, started, fed and restarted by the coordinator.
 
-A `WorkerGroup` runs `count` processes of `python -m <module> --endpoint E --name N [args]`
+A `WorkerGroup` runs `count` processes of
+`python -m <module> --endpoint E --name N --coordinator-pid P [args]`
 (the worker side is `workers.base.serve_jobs`) and talks to them over one ROUTER socket.
 Runs in the coordinator process, on its loop thread:
 
@@ -22,6 +23,7 @@ import collections
 import concurrent.futures
 import itertools
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -150,7 +152,8 @@ class WorkerGroup:
         self.socket.close(0)
 
     def _spawn(self, name: str) -> None:
-        cmd = [sys.executable, "-m", self._module, "--endpoint", self.endpoint, "--name", name, *self._args]
+        cmd = [sys.executable, "-m", self._module, "--endpoint", self.endpoint, "--name", name,
+               "--coordinator-pid", str(os.getpid()), *self._args]
         self._procs[name] = subprocess.Popen(cmd)
 
     def _dispatch(self) -> None:

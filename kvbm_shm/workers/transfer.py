@@ -191,7 +191,7 @@ def main() -> None:
         help="GPU copy path; auto: the faster one for each transfer's region size, measured at first use"))
     worker = TransferWorker(args.copy_path)
     try:
-        serve_jobs(args.endpoint, args.name, p.TransferWorkerJob, worker.run)
+        serve_jobs(args.endpoint, args.name, p.TransferWorkerJob, worker.run, args.coordinator_pid)
     finally:
         worker.close()
 
