@@ -246,6 +246,7 @@ class Client(_Core):
         super().__init__(config, name, overrides)
         self._ctx = zmq.Context()
         self._sock = self._new_socket(self._ctx)
+        self._rcvtimeo_ms = -1
         self._lock = threading.RLock()
         try:
             self._drive(self._hello_step, retry=False)
@@ -339,16 +340,24 @@ class Client(_Core):
         with self._lock:
             request.req = next(self._req)
             deadline = time.monotonic() + timeout
-            if not self._sock.poll(timeout * 1000, zmq.POLLOUT):
-                raise CoordinatorUnavailable(f"no coordinator is listening at {self.endpoint}")
-            self._sock.send_multipart(p.encode(request), zmq.NOBLOCK)
+            frames = p.encode(request)
+            try:
+                self._sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:  # not connected (yet): wait for the connection, within the deadline
+                if not self._sock.poll(timeout * 1000, zmq.POLLOUT):
+                    raise CoordinatorUnavailable(f"no coordinator is listening at {self.endpoint}") from None
+                self._sock.send_multipart(frames, zmq.NOBLOCK)
             while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._sock.poll(left * 1000):
+                left_ms = int((deadline - time.monotonic()) * 1000)
+                if left_ms != self._rcvtimeo_ms:  # a blocking recv with a deadline: no poll call
+                    self._rcvtimeo_ms = max(left_ms, 0)
+                    self._sock.setsockopt(zmq.RCVTIMEO, self._rcvtimeo_ms)
+                try:
+                    reply = p.decode_reply(self._sock.recv_multipart())
+                except zmq.Again:
                     raise CoordinatorUnavailable(
                         f"{type(request).__name__} got no reply within {timeout:.3g} s from {self.endpoint}",
-                        ErrorCode.TIMEOUT)
-                reply = p.decode_reply(self._sock.recv_multipart())
+                        ErrorCode.TIMEOUT) from None
                 if reply.req == request.req:
                     return self._check(reply)
 

@@ -21,7 +21,7 @@ writing it) and `NO_ROOM` (nothing could be evicted to make room).
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Annotated, Union
 
 import msgspec
 
@@ -31,6 +31,8 @@ from .layout import EngineLayout, Namespace
 PROTOCOL_VERSION = 1
 VERSION_FRAME = b"kvbm/%d" % PROTOCOL_VERSION
 EVENTS_TOPIC = b"kv"
+
+SequenceHash = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]  # checked while decoding
 
 ALREADY_STORED = -1
 IN_FLIGHT = -2
@@ -73,7 +75,7 @@ class Lookup(_Request, tag="lookup"):
 
     client_id: int
     pool_id: int
-    hashes: list[bytes]
+    hashes: list[SequenceHash]
     pin: bool = False
 
 
@@ -82,7 +84,7 @@ class Allocate(_Request, tag="allocate"):
 
     client_id: int
     pool_id: int
-    hashes: list[bytes]
+    hashes: list[SequenceHash]
 
 
 class Commit(_Request, tag="commit"):
@@ -116,7 +118,7 @@ class Touch(_Request, tag="touch"):
 
     client_id: int
     pool_id: int
-    hashes: list[bytes]
+    hashes: list[SequenceHash]
     priority: int | None = None
 
 
@@ -335,7 +337,7 @@ class Offload(_Request, tag="offload"):
 
     client_id: int
     device_id: int
-    hashes: list[bytes]
+    hashes: list[SequenceHash]
     device_block_ids: list[int]
     priority: int = 0
 
@@ -345,7 +347,7 @@ class Onboard(_Request, tag="onboard"):
 
     client_id: int
     device_id: int
-    hashes: list[bytes]
+    hashes: list[SequenceHash]
     device_block_ids: list[int]
 
 

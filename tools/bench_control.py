@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
+import random
 import time
 
 import benchlib  # noqa: F401  (puts the repo on sys.path)
@@ -44,6 +44,7 @@ def coordinator_client(instance, runtime_dir, op: str, seconds: float, start_at:
     client = Client(instance=instance, runtime_dir=runtime_dir, name=f"bench-{seed}")
     pool = client.register_layout(NAMESPACE)
     stored = _hashes(0)
+    base = random.getrandbits(31)  # fresh hashes for every run and client (token ids are uint32)
     lat = []
     n = 0
     _until(start_at)
@@ -54,8 +55,9 @@ def coordinator_client(instance, runtime_dir, op: str, seconds: float, start_at:
             hits = client.lookup(pool, stored)
             assert len(hits) == BATCH
         else:
-            fresh = _hashes(10_000_000 * (seed + 1) + n * BATCH * PAGE)
-            ids = client.request(p.Allocate(0, client.client_id, pool.pool_id, fresh)).block_ids
+            fresh = _hashes((base + n * BATCH * PAGE) % (1 << 31))
+            ids = [b for b in client.request(p.Allocate(0, client.client_id, pool.pool_id, fresh)).block_ids
+                   if b >= 0]
             client.request(p.Commit(0, client.client_id, pool.pool_id, ids, [0] * len(ids)))
         lat.append(time.perf_counter_ns() - t0)
         n += 1
@@ -120,6 +122,7 @@ def main() -> int:
             pool = c.register_layout(NAMESPACE)
             ids = c.request(p.Allocate(0, c.client_id, pool.pool_id, _hashes(0))).block_ids
             c.request(p.Commit(0, c.client_id, pool.pool_id, ids, [0] * len(ids)))
+            c.touch(pool, _hashes(0), priority=100)  # the allocate runs evict everything else first
         for n in args.clients:
             for op in ("lookup", "allocate+commit"):
                 lats = run_clients(workers, coordinator_client, lambda i: (instance, runtime_dir, op),

@@ -28,7 +28,6 @@ import msgspec
 from .. import protocol as p
 from ..config import ServiceConfig
 from ..errors import CapacityError, ErrorCode, KvbmError, RequestError
-from ..hashing import HASH_BYTES
 from ..layout import Namespace
 from ..shm import PoolSegment, list_segments, unlink
 from .devices import DeviceTier
@@ -114,6 +113,11 @@ class Coordinator:
     def _emit(self, event: p.Event) -> None:
         self._events.append(event)
 
+    def flush(self) -> None:
+        """Write the pools' deferred bookkeeping into shm (see `BlockPool.flush`)."""
+        for pool in self.pools.values():
+            pool.flush()
+
     def take_events(self) -> list[p.Event]:
         events, self._events = self._events, []
         return events
@@ -192,7 +196,6 @@ class Coordinator:
     def _lookup(self, m: p.Lookup) -> p.Reply:
         lease = self.leases.get(m.client_id)
         pool = self._pool(m.pool_id)
-        _check_hashes(m.hashes)
         ids = pool.lookup(m.hashes)
         if m.pin and ids:
             pool.pin(ids, lease.client_id)
@@ -202,7 +205,6 @@ class Coordinator:
     def _allocate(self, m: p.Allocate) -> p.Reply:
         lease = self.leases.get(m.client_id)
         pool = self._pool(m.pool_id)
-        _check_hashes(m.hashes)
         ids = pool.allocate(m.hashes, lease.client_id)
         lease.pending.setdefault(pool.pool_id, set()).update(b for b in ids if b >= 0)
         return p.AllocateReply(m.req, ids)
@@ -248,7 +250,6 @@ class Coordinator:
     def _touch(self, m: p.Touch) -> p.Reply:
         self.leases.get(m.client_id)
         pool = self._pool(m.pool_id)
-        _check_hashes(m.hashes)
         if m.priority is not None and not -2**15 <= m.priority < 2**15:
             raise RequestError(f"priority {m.priority} out of range")
         return p.OkReply(m.req, pool.touch(m.hashes, m.priority))
@@ -372,9 +373,3 @@ class Coordinator:
         pool = self.pools[pool_id]
         return p.PoolReply(req, pool_id, pool.segment.name, pool.segment.segment_id, pool.num_blocks,
                            pool.segment.block_bytes)
-
-
-def _check_hashes(hashes: list[bytes]) -> None:
-    for h in hashes:
-        if len(h) != HASH_BYTES:
-            raise RequestError(f"sequence hashes are {HASH_BYTES} bytes, got one of {len(h)}")

@@ -14,12 +14,16 @@ Contract (each call takes a batch; the caller has already checked ownership and 
   deduplicated (the new block goes back to the free list).
 - `free(ids)`: Partial -> Reset. `invalidate(ids)`: forget Registered blocks (bad bytes); a
   pinned one is freed when its last pin goes.
-Every registration and removal is reported to `on_event` as a protocol event.
+Every registration and removal is reported to `on_event` as a protocol event. Lookups keep the
+request path short: their per-block bookkeeping in shm (last use, hit counts) and all counter
+increments are batched and written by `flush()`, which the server runs every few milliseconds.
 """
 
 from __future__ import annotations
 
+import collections
 import time
+from collections import OrderedDict
 from typing import Callable
 
 import numpy as np
@@ -42,8 +46,10 @@ class BlockPool:
         self.registry: dict[bytes, int] = {}
         self.pending: dict[bytes, int] = {}
         self._hash: list[bytes | None] = [None] * self.num_blocks
-        self._inactive: dict[int, dict[int, None]] = {}  # priority -> blocks in LRU order
+        self._inactive: dict[int, OrderedDict[int, None]] = {}  # priority -> blocks, least recent first
         self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))
+        self._used: list[list[int]] = []  # lookup hits not yet written to the table (see flush)
+        self._counts = [0] * len(COUNTER_NAMES)  # counter increments not yet in the header
 
     # ------------------------------------------------------------ recovery
 
@@ -69,28 +75,35 @@ class BlockPool:
                 continue
             self.registry[h] = b
             self._hash[b] = h
-            self._inactive.setdefault(int(t["priority"][b]), {})[b] = None
+            self._lru(int(t["priority"][b]))[b] = None
         return len(self.registry)
 
     # ------------------------------------------------------------ reads
 
     def lookup(self, hashes: list[bytes]) -> list[int]:
-        ids = []
-        registry = self.registry
-        for h in hashes:
-            b = registry.get(h)
-            if b is None:
-                break
-            ids.append(b)
-        self._count("lookups", 1)
-        self._count("lookup_blocks", len(hashes))
+        ids = list(map(self.registry.get, hashes))
+        if None in ids:
+            del ids[ids.index(None):]
+        counts = self._counts
+        counts[_COUNTER["lookups"]] += 1
+        counts[_COUNTER["lookup_blocks"]] += len(hashes)
         if ids:
-            self._count("hit_blocks", len(ids))
-            idx = np.asarray(ids)
-            self._write(idx, last_use_ns=time.monotonic_ns())
-            self.table["hits"][idx] += 1
+            counts[_COUNTER["hit_blocks"]] += len(ids)
+            self._used.append(ids)
             self._touch_inactive(ids)
         return ids
+
+    def flush(self) -> None:
+        """Write what lookups deferred into the shm table and header: last use, hits, counters.
+        The server calls it every few milliseconds, off the request path."""
+        if self._used:
+            idx = np.concatenate([np.asarray(ids, np.int64) for ids in self._used])
+            self._used = []
+            self._write(np.unique(idx), last_use_ns=time.monotonic_ns())
+            np.add.at(self.table["hits"], idx, 1)
+        if any(self._counts):
+            self.segment.counters[:len(self._counts)] += np.asarray(self._counts, np.uint64)
+            self._counts = [0] * len(COUNTER_NAMES)
 
     def state_of(self, block_id: int) -> int:
         return int(self.table["state"][block_id])
@@ -106,6 +119,7 @@ class BlockPool:
         }
 
     def counters(self) -> dict[str, int]:
+        self.flush()
         return {name: int(self.segment.counters[i]) for i, name in enumerate(COUNTER_NAMES)}
 
     # ------------------------------------------------------------ pins
@@ -130,7 +144,7 @@ class BlockPool:
         for b in set(ids):
             if self.table["refcount"][b] == 0:
                 if self.table["state"][b] == BlockState.REGISTERED:
-                    self._inactive.setdefault(int(self.table["priority"][b]), {})[b] = None
+                    self._lru(int(self.table["priority"][b]))[b] = None
                 else:  # invalidated while pinned
                     self._release_block(b)
 
@@ -138,25 +152,28 @@ class BlockPool:
 
     def allocate(self, hashes: list[bytes], client_id: int) -> list[int]:
         out = []
-        new_ids, new_hashes = [], []
+        new_ids, new_hashes, evicted = [], [], []
         for h in hashes:
             if h in self.registry:
                 out.append(ALREADY_STORED)
-                self._count("dedup_blocks", 1)
                 continue
             if h in self.pending:
                 out.append(IN_FLIGHT)
                 continue
-            b = self._take()
+            b = self._take(evicted)
             if b is None:
                 out.append(NO_ROOM)
-                self._count("no_room_blocks", 1)
                 continue
             self.pending[h] = b
             self._hash[b] = h
             out.append(b)
             new_ids.append(b)
             new_hashes.append(h)
+        self._count("dedup_blocks", out.count(ALREADY_STORED))
+        self._count("no_room_blocks", out.count(NO_ROOM))
+        if evicted:
+            self._count("evicted_blocks", len(evicted))
+            self._on_event(BlockRemoved(self.pool_id, self.fingerprint, evicted, Tier.CPU))
         if new_ids:
             idx = np.asarray(new_ids)
             self._write(idx, state=BlockState.PARTIAL, owner=client_id, refcount=0, hits=0, checksum=0,
@@ -180,7 +197,7 @@ class BlockPool:
             self._write(idx, state=BlockState.REGISTERED, refcount=0, priority=priority,
                         checksum=np.asarray([keep[b] for b in stored_ids], np.uint64),
                         last_use_ns=time.monotonic_ns(), tier=Tier.CPU)
-            lru = self._inactive.setdefault(priority, {})
+            lru = self._lru(priority)
             for b in stored_ids:
                 lru[b] = None
             self._count("stored_blocks", len(stored_ids))
@@ -221,7 +238,7 @@ class BlockPool:
         if priority is not None:
             for b in ids:
                 if self._remove_inactive(b):
-                    self._inactive.setdefault(priority, {})[b] = None
+                    self._lru(priority)[b] = None
             self._write(np.asarray(ids), priority=priority)
         self._write(np.asarray(ids), last_use_ns=time.monotonic_ns())
         self._touch_inactive(ids)
@@ -229,19 +246,23 @@ class BlockPool:
 
     # ------------------------------------------------------------ internals
 
-    def _take(self) -> int | None:
+    def _take(self, evicted: list[bytes]) -> int | None:
+        """A free block, or the inactive block to evict (its hash is appended to `evicted`)."""
         if self._free:
             return self._free.pop()
-        for prio in sorted(p for p, d in self._inactive.items() if d):
-            lru = self._inactive[prio]
-            b = next(iter(lru))
-            del lru[b]
+        for prio in sorted(p for p, lru in self._inactive.items() if lru):
+            b, _ = self._inactive[prio].popitem(last=False)
             h = self._hash[b]
             del self.registry[h]
-            self._count("evicted_blocks", 1)
-            self._on_event(BlockRemoved(self.pool_id, self.fingerprint, [h], Tier.CPU))
+            evicted.append(h)
             return b
         return None
+
+    def _lru(self, priority: int) -> OrderedDict[int, None]:
+        lru = self._inactive.get(priority)
+        if lru is None:
+            lru = self._inactive[priority] = OrderedDict()
+        return lru
 
     def _release_block(self, b: int) -> None:
         self._hash[b] = None
@@ -256,12 +277,17 @@ class BlockPool:
         return False
 
     def _touch_inactive(self, ids: list[int]) -> None:
+        if len(self._inactive) == 1:  # the common case: one priority and nothing pinned
+            try:
+                collections.deque(map(next(iter(self._inactive.values())).move_to_end, ids), 0)
+                return
+            except KeyError:  # a pinned block (not inactive): take the per-block path
+                pass
         prio = self.table["priority"]
         for b in ids:
             lru = self._inactive.get(int(prio[b]))
             if lru is not None and b in lru:
-                del lru[b]
-                lru[b] = None
+                lru.move_to_end(b)
 
     def _write(self, ids, **fields) -> None:
         """Seqlock-bracketed update of block records (the coordinator is the only writer)."""
@@ -275,4 +301,4 @@ class BlockPool:
         t["generation"][idx] += 1
 
     def _count(self, name: str, n: int) -> None:
-        self.segment.counters[_COUNTER[name]] += n
+        self._counts[_COUNTER[name]] += n

@@ -33,6 +33,7 @@ from .supervisor import WorkerGroup
 log = logging.getLogger(__name__)
 
 _BATCH = 256  # requests handled per wake-up before events and timers get a turn
+_FLUSH_EVERY_S = 0.01  # deferred pool bookkeeping reaches shm within this
 
 
 class Server:
@@ -87,7 +88,7 @@ class Server:
 
     def run(self, on_status: Callable[[p.StatsReply], None] | None = None, status_interval_s: float = 1.0) -> None:
         sweep_every = min(max(self.config.lease_ms / 4000, 0.02), 1.0)
-        next_sweep = next_status = time.monotonic()
+        next_sweep = next_status = next_flush = time.monotonic()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         groups = {group.socket: group for group in self.workers.values()}
@@ -103,6 +104,9 @@ class Server:
             if self._deferred:
                 self._complete_deferred()
             now = time.monotonic()
+            if now >= next_flush:
+                self.coordinator.flush()
+                next_flush = now + _FLUSH_EVERY_S
             if now >= next_sweep:
                 self.coordinator.sweep(now)
                 for group in self.workers.values():
@@ -115,10 +119,9 @@ class Server:
 
     def _drain(self) -> None:
         for _ in range(_BATCH):
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            if not self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return
+            frames = self.router.recv_multipart(zmq.NOBLOCK)
             identity, frames = frames[0], frames[1:]
             reply = self._answer(frames)
             if isinstance(reply, Deferred):
