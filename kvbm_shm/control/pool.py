@@ -14,12 +14,17 @@ Contract (each call takes a batch; the caller has already checked ownership and 
   deduplicated (the new block goes back to the free list).
 - `free(ids)`: Partial -> Reset. `invalidate(ids)`: forget Registered blocks (bad bytes); a
   pinned one is freed when its last pin goes.
+- For the disk tier: `eviction_order(n)` (the next blocks `allocate` would evict), `hash_of`,
+  `set_tier(ids, tier)`, and `unpin_cold(ids, pinned_ns)`, which puts a block that a background
+  copy pinned and nobody used meanwhile back at the eviction end rather than the recent end.
 Every registration and removal is reported to `on_event` as a protocol event.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections import OrderedDict
 from typing import Callable
 
 import numpy as np
@@ -42,7 +47,7 @@ class BlockPool:
         self.registry: dict[bytes, int] = {}
         self.pending: dict[bytes, int] = {}
         self._hash: list[bytes | None] = [None] * self.num_blocks
-        self._inactive: dict[int, dict[int, None]] = {}  # priority -> blocks in LRU order
+        self._inactive: dict[int, OrderedDict[int, None]] = {}  # priority -> blocks in LRU order
         self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))
 
     # ------------------------------------------------------------ recovery
@@ -69,7 +74,7 @@ class BlockPool:
                 continue
             self.registry[h] = b
             self._hash[b] = h
-            self._inactive.setdefault(int(t["priority"][b]), {})[b] = None
+            self._lru(int(t["priority"][b]))[b] = None
         return len(self.registry)
 
     # ------------------------------------------------------------ reads
@@ -130,7 +135,7 @@ class BlockPool:
         for b in set(ids):
             if self.table["refcount"][b] == 0:
                 if self.table["state"][b] == BlockState.REGISTERED:
-                    self._inactive.setdefault(int(self.table["priority"][b]), {})[b] = None
+                    self._lru(int(self.table["priority"][b]))[b] = None
                 else:  # invalidated while pinned
                     self._release_block(b)
 
@@ -180,7 +185,7 @@ class BlockPool:
             self._write(idx, state=BlockState.REGISTERED, refcount=0, priority=priority,
                         checksum=np.asarray([keep[b] for b in stored_ids], np.uint64),
                         last_use_ns=time.monotonic_ns(), tier=Tier.CPU)
-            lru = self._inactive.setdefault(priority, {})
+            lru = self._lru(priority)
             for b in stored_ids:
                 lru[b] = None
             self._count("stored_blocks", len(stored_ids))
@@ -221,13 +226,49 @@ class BlockPool:
         if priority is not None:
             for b in ids:
                 if self._remove_inactive(b):
-                    self._inactive.setdefault(priority, {})[b] = None
+                    self._lru(priority)[b] = None
             self._write(np.asarray(ids), priority=priority)
         self._write(np.asarray(ids), last_use_ns=time.monotonic_ns())
         self._touch_inactive(ids)
         return len(ids)
 
+    # ------------------------------------------------------------ disk tier
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def hash_of(self, block_id: int) -> bytes | None:
+        return self._hash[block_id]
+
+    def eviction_order(self, limit: int) -> list[int]:
+        """The next `limit` (or fewer) Registered blocks `allocate` would evict, first first."""
+        out: list[int] = []
+        for prio in sorted(p for p, d in self._inactive.items() if d):
+            out.extend(itertools.islice(self._inactive[prio], limit - len(out)))
+            if len(out) >= limit:
+                break
+        return out
+
+    def set_tier(self, ids: list[int], tier: int) -> None:
+        self._write(ids, tier=tier)
+
+    def unpin_cold(self, ids: list[int], pinned_ns: int) -> None:
+        """`unpin` for blocks pinned by a background copy at `pinned_ns` (monotonic): a block
+        nobody used since goes back to the eviction end of its priority, not the recent end."""
+        self.unpin(ids)
+        t = self.table
+        for b in dict.fromkeys(reversed(ids)):  # the first of `ids` ends up first in line
+            if t["refcount"][b] == 0 and t["state"][b] == BlockState.REGISTERED and t["last_use_ns"][b] <= pinned_ns:
+                self._inactive[int(t["priority"][b])].move_to_end(b, last=False)
+
     # ------------------------------------------------------------ internals
+
+    def _lru(self, priority: int) -> OrderedDict:
+        lru = self._inactive.get(priority)
+        if lru is None:
+            lru = self._inactive[priority] = OrderedDict()
+        return lru
 
     def _take(self) -> int | None:
         if self._free:

@@ -25,6 +25,7 @@ from .. import runtime
 from ..config import ServiceConfig
 from ..errors import CapacityError, ErrorCode, KvbmError
 from ..shm import shm_free_bytes
+from . import disk_tier
 from .coordinator import Coordinator, Deferred
 from .supervisor import WorkerGroup
 
@@ -49,6 +50,11 @@ class Server:
         self.workers: dict[str, WorkerGroup] = {}  # worker processes by kind, for the tiers that use them
         self.coordinator = Coordinator(config, self.events_endpoint, self.workers)
         try:
+            if config.disk_cache_gb > 0:
+                disk = self.coordinator.open_disk_tier()
+                self.workers[disk_tier.WORKER_KIND] = WorkerGroup(
+                    disk_tier.WORKER_KIND, disk_tier.WORKER_MODULE, config.disk_io_workers, self.dir, self.ctx,
+                    disk.worker_args())
             self.coordinator.recover()
             self._check_shm_room()
             for s in (self.router, self.pub):

@@ -1,0 +1,595 @@
+"""The disk tier (G3) in the coordinator: block files, write-back with admission, staging of G3
+hits into G2, G3 eviction. Runs in the coordinator process, on its loop thread; the bytes move in
+the NVMe I/O workers (`workers.disk_io`), reached through the "disk" `WorkerGroup`.
+
+Start (`DiskTier(config, workers, on_event)`): a --disk-dir that is missing (other than the
+default, which is created) or not writable fails with `ConfigError`. The tier takes
+`<disk_dir>/<instance>/g3.lock` (one coordinator per directory), waits for I/O workers that a
+crashed coordinator left mid-job, opens every G3 file of this format, fits them into
+`disk_cache_gb` (most recently used first: a file is grown, shrunk or removed), and rebuilds each
+file's index from its slot headers (`G3Index.recover`).
+
+Hooks, called by the coordinator:
+- `attach(pool, namespace)`: a G2 pool exists (created or recovered). Opens or creates the
+  namespace's file (`budget // tp_size`, or what is left) and makes the pool's `tier` flags agree
+  with what is on disk.
+- `offered(hashes)`: every Allocate, for the admission filter.
+- `committed(pool, ids)`: every Commit; with `disk_write_through` the blocks are queued for disk.
+- `fetch(pool, hashes, g2_ids) -> Fetch | None`: a Lookup whose G2 prefix ended before its last
+  hash. None, at the cost of one dict lookup, unless the next block is on disk or being staged:
+  then the G2 prefix is pinned, G2 blocks are allocated for the G3 hits that continue it, and
+  read jobs are submitted. `Fetch.future` is done when every read is; `Fetch.result()` is the
+  verified prefix (block ids, tiers); `Fetch.release()` drops the fetch's own pins.
+- `pump()`: plan write-back (also run after every finished job and by `sweep(now)`).
+- `stats()`, `close()`.
+
+Write-back: when a pool's free blocks fall under `disk_low_watermark` of its size, the blocks
+next in line for eviction that are not on disk and pass the admission filter are pinned and
+written. On success the G2 block's `tier` becomes 3 (evicting it then loses nothing: G3 serves
+it) and it goes back to the eviction end. A failed write leaves the block in G2, dirty; a slot the
+disk had no room for (ENOSPC on a sparse file) is retired. With `disk_write_through`, every
+committed block is written at once, whatever the filter says.
+
+Staging: a read that verified registers its G2 block (tier 3, checksum from the slot). One that did
+not (EBADMSG, ENODATA, an I/O error) is freed, its slot dropped and counted, and the lookup's
+prefix ends there: a block that does not verify is never served. A read lost with its worker
+leaves the slot as it was.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import errno
+import fcntl
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import msgspec
+import numpy as np
+
+from .. import g3
+from .. import protocol as p
+from ..config import ServiceConfig, default_disk_dir
+from ..errors import ConfigError, CorruptionError, KvbmError
+from ..layout import Namespace
+from ..shm import BlockState
+from .admission import AdmissionFilter
+from .g3_index import G3Index, SlotState
+from .pool import BlockPool
+from .supervisor import WorkerGroup
+
+log = logging.getLogger(__name__)
+
+WORKER_KIND = "disk"
+WORKER_MODULE = "kvbm_shm.workers.disk_io"
+LOCK_FILE = "g3.lock"
+IO_LOCK_FILE = "g3-io.lock"
+_JOB_BYTES = 32 << 20  # bytes per job: large enough to keep a worker's threads busy
+_OLD_WORKERS_WAIT_S = 30.0
+_PUMP_EVERY_S = 0.001  # write-back planning after Allocates, at most this often
+
+
+def open_disk_dir(config: ServiceConfig) -> Path:
+    """`<disk_dir>/<instance>`, created 0700. ConfigError when disk_dir is missing or unwritable."""
+    base = Path(config.disk_dir)
+    if not base.is_dir():
+        if base.exists() or base != default_disk_dir():
+            raise ConfigError(f"disk_dir {base} does not exist or is not a directory: create it, or point "
+                              "--disk-dir (KVBM_DISK_DIR) at a directory on local disk")
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = base / config.instance
+    try:
+        if not os.access(base, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        path.mkdir(mode=0o700, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"disk_dir {base} is not writable (uid {os.getuid()}): {e.strerror}") from e
+    return path
+
+
+@dataclasses.dataclass(eq=False)
+class _Read:
+    """The G3 slots one fetch stages into G2 blocks (Partial until verified), in one or more jobs."""
+
+    pool: BlockPool
+    index: G3Index
+    blocks: list[int] = dataclasses.field(default_factory=list)
+    slots: list[int] = dataclasses.field(default_factory=list)
+    hashes: list[bytes] = dataclasses.field(default_factory=list)
+    failed: dict[int, int] = dataclasses.field(default_factory=dict)  # position -> errno (0: job lost)
+    jobs_left: int = 0
+    ok: list[bool] | None = None  # set when every job finished
+    waiters: list["Fetch"] = dataclasses.field(default_factory=list)
+
+
+class Fetch:
+    """A lookup that waits for G3 reads. Created by `DiskTier.fetch`; see the module docstring."""
+
+    def __init__(self, pool: BlockPool):
+        self.pool = pool
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self._steps: list[tuple[int, _Read | None, int]] = []  # (G2 block, None, 0) or (-1, read, position)
+        self._pins: list[int] = []
+        self._waiting: set[int] = set()  # id() of reads not finished yet
+
+    def result(self) -> tuple[list[int], list[int]]:
+        """The verified prefix: G2 block ids and, for each, the tier it came from."""
+        ids, tiers = [], []
+        for block, read, i in self._steps:
+            if read is None:
+                ids.append(block)
+                tiers.append(p.Tier.CPU)
+            elif read.ok[i]:
+                ids.append(read.blocks[i])
+                tiers.append(p.Tier.DISK)
+            else:
+                break
+        return ids, tiers
+
+    def release(self) -> None:
+        if self._pins:
+            self.pool.unpin(self._pins)
+            self._pins = []
+
+    def _hit(self, block: int) -> None:
+        self.pool.pin([block], 0)
+        self._pins.append(block)
+        self._steps.append((block, None, 0))
+
+    def _wait(self, read: _Read, i: int) -> None:
+        self._steps.append((-1, read, i))
+        if id(read) not in self._waiting:
+            self._waiting.add(id(read))
+            read.waiters.append(self)
+
+    def _unwait(self, read: _Read) -> None:
+        """`read` ended up empty: forget it."""
+        self._waiting.discard(id(read))
+        read.waiters.remove(self)
+
+    def _finished(self, read: _Read) -> None:
+        """`read` is done: pin what it staged for this fetch before anything can evict it."""
+        good = [read.blocks[i] for _, r, i in self._steps if r is read and read.ok[i]]
+        if good:
+            self.pool.pin(good, 0)
+            self._pins.extend(good)
+        self._waiting.discard(id(read))
+        if not self._waiting:
+            self.future.set_result(None)
+
+
+class DiskTier:
+    def __init__(self, config: ServiceConfig, workers: dict[str, WorkerGroup], on_event: Callable[[p.Event], None]):
+        self.config = config
+        self.dir = open_disk_dir(config)
+        self._workers = workers
+        self._on_event = on_event
+        self._lock_fd = self._claim()
+        self.io_lock_path = self.dir / IO_LOCK_FILE
+        self._wait_for_old_workers()
+        self.admission = AdmissionFilter(config.disk_admit_uses)
+        self._indexes: dict[str, G3Index] = {}  # by namespace fingerprint, attached or not
+        self._by_pool: dict[int, tuple[BlockPool, G3Index]] = {}
+        self._tp_size: dict[str, int] = {}
+        self._staging: dict[tuple[int, bytes], tuple[_Read, int]] = {}
+        self._write_through: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+        self._writes_in_flight = 0
+        self._last_pump = 0.0
+        self._closed = False
+        self._open_files()
+
+    # ------------------------------------------------------------ hooks
+
+    def worker_args(self) -> tuple[str, ...]:
+        return ("--lock", str(self.io_lock_path), "--threads", str(self.config.disk_io_threads))
+
+    def attach(self, pool: BlockPool, namespace: Namespace) -> None:
+        fp = namespace.fingerprint
+        index = self._indexes.get(fp) or self._create(namespace)
+        if index is None:
+            return
+        self._by_pool[pool.pool_id] = (pool, index)
+        on_disk = [b for h, b in pool.registry.items() if h in index.entries]
+        pool.set_tier(list(pool.registry.values()), p.Tier.CPU)  # a recovered pool's flags may be stale
+        pool.set_tier(on_disk, p.Tier.DISK)
+        log.info("G3 for pool %d (%s): %s, %d slots, %d blocks on disk, %d of them also in G2", pool.pool_id,
+                 namespace.model, index.path, index.num_slots, len(index.entries), len(on_disk))
+
+    def offered(self, hashes: list[bytes]) -> None:
+        self.admission.offered(hashes)
+
+    def committed(self, pool: BlockPool, ids: list[int]) -> None:
+        write_through = self.config.disk_write_through and pool.pool_id in self._by_pool
+        if write_through:
+            self._write_through[pool.pool_id].extend((b, pool.hash_of(b)) for b in ids)
+        self.pump(force=write_through)
+
+    def fetch(self, pool: BlockPool, hashes: list[bytes], g2_ids: list[int]) -> Fetch | None:
+        entry = self._by_pool.get(pool.pool_id)
+        if entry is None:
+            return None
+        index = entry[1]
+        first = hashes[len(g2_ids)]
+        if index.lookup(first) is None and (pool.pool_id, first) not in self._staging:
+            return None
+        fetch = Fetch(pool)
+        for b in g2_ids:
+            fetch._hit(b)  # pinned first: the allocations below must not evict them
+        read = _Read(pool, index)
+        for h in hashes[len(g2_ids):]:
+            b = pool.registry.get(h)
+            if b is not None:
+                fetch._hit(b)
+                continue
+            staged = self._staging.get((pool.pool_id, h))
+            if staged is not None:  # another lookup is reading it: wait for that read
+                fetch._wait(*staged)
+                continue
+            slot = index.lookup(h)
+            if slot is None or index.state[slot] != SlotState.STORED:
+                break
+            got = pool.allocate([h], 0)[0]
+            if got < 0:  # no room in G2, or a client is storing it right now
+                break
+            index.begin_read(slot)
+            self._staging[(pool.pool_id, h)] = (read, len(read.blocks))
+            fetch._wait(read, len(read.blocks))
+            read.blocks.append(got)
+            read.slots.append(slot)
+            read.hashes.append(h)
+        if read.blocks:
+            self._submit_reads(read)
+        elif read.waiters:
+            fetch._unwait(read)
+        if not fetch._waiting:
+            fetch.release()
+            return None
+        return fetch
+
+    def pump(self, force: bool = False) -> None:
+        """Plan write-back for every pool with a G3 file."""
+        now = time.monotonic()
+        if self._closed or (not force and now - self._last_pump < _PUMP_EVERY_S):
+            return
+        self._last_pump = now
+        if WORKER_KIND not in self._workers:
+            return
+        for pool, index in self._by_pool.values():
+            self._plan_writes(pool, index)
+
+    def sweep(self, now: float) -> None:
+        self.admission.decay(now)
+        self.pump(force=True)
+
+    def stats(self) -> list[p.DiskStats]:
+        return [p.DiskStats(fp, index.path, index.num_slots, index.block_bytes, len(index.entries),
+                            index.count(SlotState.WRITING), index.count(SlotState.READING),
+                            index.num_free, dict(index.counters))
+                for fp, index in self._indexes.items()]
+
+    def close(self) -> None:
+        """Flush and close the files (the cache stays on disk for the next start)."""
+        self._closed = True
+        for index in self._indexes.values():
+            try:
+                index.file.sync()
+            except OSError as e:
+                log.warning("fsync %s: %s", index.path, e)
+            index.file.close()
+        self._indexes.clear()
+        os.close(self._lock_fd)
+
+    # ------------------------------------------------------------ write-back
+
+    def _plan_writes(self, pool: BlockPool, index: G3Index) -> None:
+        group = self._workers[WORKER_KIND]
+        job_blocks = max(1, min(64, _JOB_BYTES // self._slot_bytes(index)))
+        room = 2 * job_blocks * max(group.alive(), 1) - self._writes_in_flight
+        if room <= 0:
+            return
+        write_through = self.config.disk_write_through
+        picked: list[int] = []
+        if write_through:
+            queue = self._write_through[pool.pool_id]
+            while queue and len(picked) < room:
+                b, h = queue.popleft()
+                if (h is not None and pool.hash_of(b) == h and pool.state_of(b) == BlockState.REGISTERED
+                        and pool.table["tier"][b] == p.Tier.CPU):
+                    picked.append(b)
+        else:
+            need = max(1, int(self.config.disk_low_watermark * pool.num_blocks)) - pool.num_free
+            if need <= 0:
+                return
+            order = np.asarray(pool.eviction_order(need), np.int64)
+            if not len(order):
+                return
+            dirty = order[pool.table["tier"][order] == p.Tier.CPU]
+            hits = pool.table["hits"][dirty].tolist()
+            on_disk = []
+            for b, n in zip(dirty.tolist(), hits):
+                h = pool.hash_of(b)
+                if index.lookup(h) is not None:  # stored again after an eviction, still on disk
+                    on_disk.append(b)
+                elif self.admission.admit(pool.pool_id, b, h, n):
+                    picked.append(b)
+                    if len(picked) >= room:
+                        break
+            pool.set_tier(on_disk, p.Tier.DISK)
+        blocks, slots, hashes = [], [], []
+        evicted: list[bytes] = []
+        for b in picked:
+            h = pool.hash_of(b)
+            if index.lookup(h) is not None:  # stored before and still on disk: nothing to write
+                pool.set_tier([b], p.Tier.DISK)
+                continue
+            got = index.reserve(h, int(pool.table["priority"][b]), evicted)
+            if got is None:
+                break
+            blocks.append(b)
+            slots.append(got[0])
+            hashes.append(h)
+        self._evicted_from_g3(pool, index, evicted)
+        if not blocks:
+            return
+        pool.pin(blocks, 0)
+        pinned_ns = time.monotonic_ns()
+        self._writes_in_flight += len(blocks)
+        for start in range(0, len(blocks), job_blocks):
+            part = slice(start, start + job_blocks)
+            job_ids, job_slots, job_hashes = blocks[part], slots[part], hashes[part]
+            checksums = pool.table["checksum"][job_ids].tolist()
+            job = p.DiskWrite(0, pool.segment.name, pool.segment.segment_id, index.path, index.fingerprint,
+                              job_ids, job_slots, job_hashes, checksums,
+                              index.generation[job_slots].tolist(), pool.table["priority"][job_ids].tolist())
+            fut = group.submit(job)
+            fut.add_done_callback(lambda f, a=(pool, index, job_ids, job_slots, job_hashes, checksums):
+                                  self._write_done(*a, pinned_ns=None if write_through else pinned_ns, fut=f))
+
+    def _write_done(self, pool: BlockPool, index: G3Index, blocks: list[int], slots: list[int],
+                    hashes: list[bytes], checksums: list[int], pinned_ns: int | None,
+                    fut: concurrent.futures.Future) -> None:
+        self._writes_in_flight -= len(blocks)
+        failed = _failures(fut, len(blocks), "write", index.path)
+        stored, bad_source = [], []
+        for i, (b, slot, h) in enumerate(zip(blocks, slots, hashes)):
+            e = failed.get(i)
+            if e is None:
+                index.write_done(slot, checksums[i], ok=True)
+                stored.append(h)
+                if pool.hash_of(b) == h and pool.state_of(b) == BlockState.REGISTERED:
+                    pool.set_tier([b], p.Tier.DISK)
+                continue
+            index.write_done(slot, 0, ok=False, retire=e in g3.NO_SPACE_ERRNOS)
+            if e in g3.NO_SPACE_ERRNOS:
+                index.counters["no_space_blocks"] += 1
+            elif e == errno.EBADMSG:
+                bad_source.append(b)
+            elif e:
+                index.counters["write_errors"] += 1
+        index.counters["written_blocks"] += len(stored)
+        if stored:
+            self._on_event(p.BlockStored(pool.pool_id, pool.fingerprint, stored, p.Tier.DISK))
+        if bad_source:  # its G2 bytes no longer match their checksum: nobody may load it
+            index.counters["bad_g2_blocks"] += pool.invalidate(bad_source)
+        if pinned_ns is None:
+            pool.unpin(blocks)
+        else:
+            pool.unpin_cold(blocks, pinned_ns)
+        if not fut.cancelled():
+            self.pump(force=True)
+
+    def _evicted_from_g3(self, pool: BlockPool, index: G3Index, hashes: list[bytes]) -> None:
+        if not hashes:
+            return
+        still = [b for b in (pool.registry.get(h) for h in hashes) if b is not None]
+        pool.set_tier(still, p.Tier.CPU)
+        self._on_event(p.BlockRemoved(pool.pool_id, pool.fingerprint, hashes, p.Tier.DISK))
+
+    # ------------------------------------------------------------ staging
+
+    def _submit_reads(self, read: _Read) -> None:
+        group = self._workers[WORKER_KIND]
+        pool, index = read.pool, read.index
+        job_blocks = max(1, min(64, _JOB_BYTES // self._slot_bytes(index)))
+        read.jobs_left = -(-len(read.blocks) // job_blocks)
+        for start in range(0, len(read.blocks), job_blocks):
+            part = slice(start, start + job_blocks)
+            slots = read.slots[part]
+            job = p.DiskRead(0, pool.segment.name, pool.segment.segment_id, index.path, index.fingerprint,
+                             read.blocks[part], slots, read.hashes[part], index.checksum[slots].tolist(),
+                             index.generation[slots].tolist())
+            group.submit(job).add_done_callback(lambda f, first=start, n=len(slots): self._read_job_done(read, first, n, f))
+
+    def _read_job_done(self, read: _Read, first: int, n: int, fut: concurrent.futures.Future) -> None:
+        for i, e in _failures(fut, n, "read", read.index.path).items():
+            read.failed[first + i] = e
+        read.jobs_left -= 1
+        if read.jobs_left == 0:
+            self._read_done(read)
+
+    def _read_done(self, read: _Read) -> None:
+        pool, index = read.pool, read.index
+        read.ok = [i not in read.failed for i in range(len(read.blocks))]
+        by_priority: dict[int, list[int]] = collections.defaultdict(list)
+        for i, ok in enumerate(read.ok):
+            if ok:
+                by_priority[int(index.priority[read.slots[i]])].append(i)
+        for prio, positions in by_priority.items():
+            ids = [read.blocks[i] for i in positions]
+            pool.commit(ids, index.checksum[[read.slots[i] for i in positions]].tolist(), prio)
+            pool.set_tier(ids, p.Tier.DISK)
+        dropped = []
+        for i, (b, slot, h) in enumerate(zip(read.blocks, read.slots, read.hashes)):
+            del self._staging[(pool.pool_id, h)]
+            e = read.failed.get(i)
+            if e is None:
+                index.read_done(slot, ok=True)
+                continue
+            pool.free([b])
+            if not e:  # the job was lost with its worker: the slot is as good as before
+                index.read_done(slot, ok=True)
+                continue
+            index.counters["corrupt_blocks" if e in (errno.EBADMSG, errno.ENODATA) else "read_errors"] += 1
+            index.read_done(slot, ok=False)
+            dropped.append(h)
+        index.counters["read_blocks"] += len(read.blocks) - len(read.failed)
+        if dropped:
+            log.warning("%d G3 block(s) of %s failed on read: dropped, served as misses", len(dropped), index.path)
+            self._on_event(p.BlockRemoved(pool.pool_id, pool.fingerprint, dropped, p.Tier.DISK))
+        for fetch in read.waiters:
+            fetch._finished(read)
+
+    # ------------------------------------------------------------ files and budget
+
+    def _claim(self) -> int:
+        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"disk_dir {self.dir} is in use by another coordinator of instance "
+                              f"{self.config.instance!r}; give each its own --disk-dir") from None
+        return fd
+
+    def _wait_for_old_workers(self) -> None:
+        fd = os.open(self.io_lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + _OLD_WORKERS_WAIT_S
+            warned = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        log.warning("I/O workers of a previous coordinator still hold %s; going on", self.io_lock_path)
+                        break
+                    if not warned:
+                        log.info("waiting for the I/O workers of a previous coordinator to finish their last job")
+                        warned = True
+                    time.sleep(0.05)
+        finally:
+            os.close(fd)
+
+    def _open_files(self) -> None:
+        found = []
+        for name in sorted(os.listdir(self.dir)):
+            path = self.dir / name
+            if name.endswith(g3.FILE_SUFFIX + ".new"):  # a creation that never finished
+                path.unlink(missing_ok=True)
+                continue
+            parsed = g3.parse_file_name(name)
+            if parsed is None:
+                continue
+            version, fp = parsed
+            if version != g3.FORMAT_VERSION:
+                log.info("ignoring %s: G3 format %d, this build uses %d", path, version, g3.FORMAT_VERSION)
+                continue
+            try:
+                f = g3.BlockFile.open(path)
+                ns = msgspec.msgpack.decode(f.namespace, type=Namespace)
+                if f.fingerprint != fp or ns.fingerprint != fp:
+                    f.close()
+                    raise CorruptionError("its header names another namespace")
+            except (KvbmError, OSError, msgspec.MsgspecError) as e:
+                log.warning("removing unusable G3 file %s: %s", path, e)
+                path.unlink(missing_ok=True)
+                continue
+            found.append((path.stat().st_mtime, f, ns))
+        used = 0
+        for _, f, ns in sorted(found, key=lambda t: t[0], reverse=True):
+            want = self._slots_for(ns, used)
+            if want < 1:
+                log.warning("removing G3 file %s: it does not fit into disk_cache_gb=%g", f.path,
+                            self.config.disk_cache_gb)
+                f.close()
+                f.path.unlink(missing_ok=True)
+                continue
+            if want != f.num_slots:
+                log.info("resizing G3 file %s from %d to %d slots to fit disk_cache_gb=%g", f.path, f.num_slots,
+                         want, self.config.disk_cache_gb)
+                self._warn_if_sparse(f, f.resize(want))
+            index = G3Index(f)
+            t0 = time.monotonic()
+            n = index.recover()
+            log.info("G3 file %s (%s): %d blocks found in %d slots in %.2f s", f.path, ns.model, n, f.num_slots,
+                     time.monotonic() - t0)
+            self._indexes[ns.fingerprint] = index
+            self._tp_size[ns.fingerprint] = ns.tp_size
+            used += f.size_bytes()
+
+    def _create(self, ns: Namespace) -> G3Index | None:
+        want = self._slots_for(ns, self._used_bytes())
+        attached = {index.fingerprint for _, index in self._by_pool.values()}
+        idle = sorted((fp for fp in self._indexes if fp not in attached),
+                      key=lambda fp: self._indexes[fp].file.path.stat().st_mtime)
+        while want < 1 and idle:
+            index = self._indexes.pop(idle.pop(0))
+            log.info("removing G3 file %s (no pool uses it) to make room for %s", index.path, ns.model)
+            index.file.close()
+            index.file.path.unlink(missing_ok=True)
+            want = self._slots_for(ns, self._used_bytes())
+        if want < 1:
+            log.warning("no G3 for %s: disk_cache_gb=%g is taken by other namespaces", ns.model,
+                        self.config.disk_cache_gb)
+            return None
+        path = self.dir / g3.file_name(ns.fingerprint)
+        try:
+            f, allocated = g3.BlockFile.create(path, fingerprint=ns.fingerprint, namespace=msgspec.msgpack.encode(ns),
+                                               block_bytes=ns.kv.block_bytes, num_slots=want)
+        except OSError as e:
+            log.error("no G3 for %s: cannot create %s: %s", ns.model, path, e)
+            return None
+        self._warn_if_sparse(f, allocated)
+        log.info("created G3 file %s for %s: %d slots of %d bytes (%.1f MiB)", path, ns.model, want,
+                 f.slot_bytes, f.size_bytes() / 2**20)
+        index = self._indexes[ns.fingerprint] = G3Index(f)
+        self._tp_size[ns.fingerprint] = ns.tp_size
+        return index
+
+    def _slots_for(self, ns: Namespace, used_bytes: int) -> int:
+        budget = self.config.disk_cache_bytes
+        return g3.slots_for(min(budget // ns.tp_size, budget - used_bytes), ns.kv.block_bytes)
+
+    def _used_bytes(self) -> int:
+        return sum(index.file.size_bytes() for index in self._indexes.values())
+
+    @staticmethod
+    def _slot_bytes(index: G3Index) -> int:
+        return index.file.slot_bytes
+
+    @staticmethod
+    def _warn_if_sparse(f: g3.BlockFile, allocated: bool) -> None:
+        if not allocated:
+            free = os.statvfs(f.path.parent)
+            log.warning("the filesystem of %s has %.1f MiB free, less than the %.1f MiB asked: the G3 file is "
+                        "sparse, and writes to slots the disk cannot hold fail with ENOSPC (counted as "
+                        "no_space_blocks; those blocks stay in G2)", f.path, free.f_bavail * free.f_frsize / 2**20,
+                        f.size_bytes() / 2**20)
+
+
+def _failures(fut: concurrent.futures.Future, n: int, what: str, path: str) -> dict[int, int]:
+    """Position -> errno of every block of a finished job that did not complete (0: the job was
+    lost with its worker, or cancelled; the blocks themselves are not to blame)."""
+    if fut.cancelled():  # shutting down
+        return dict.fromkeys(range(n), 0)
+    exc = fut.exception()
+    if exc is not None:
+        log.warning("G3 %s job on %s lost: %s", what, path, exc)
+        return dict.fromkeys(range(n), 0)
+    done: p.JobDone = fut.result()
+    if done.ok:
+        return {}
+    log.error("G3 %s job on %s: %s", what, path, done.error or "failed")
+    if not done.failed:  # the whole job failed before any block
+        return dict.fromkeys(range(n), errno.EIO)
+    codes = done.errnos if len(done.errnos) == len(done.failed) else [errno.EIO] * len(done.failed)
+    return dict(zip(done.failed, codes))
