@@ -34,7 +34,7 @@ class AdmissionFilter:
             c = counts.get(h)
             counts[h] = 1 if c is None else min(c * 2, _MAX_COUNT)
         if len(counts) > self.max_entries:
-            while len(counts) > self.max_entries:
+            while len(self._counts) > self.max_entries:
                 self._decay()
             self._next_decay = time.monotonic() + self.decay_s
 

@@ -358,7 +358,7 @@ class DiskTier:
                     fut: concurrent.futures.Future) -> None:
         self._writes_in_flight -= len(blocks)
         failed = _failures(fut, len(blocks), "write", index.path)
-        stored, bad_source = [], []
+        stored, bad_source, lost = [], [], []
         for i, (b, slot, h) in enumerate(zip(blocks, slots, hashes)):
             e = failed.get(i)
             if e is None:
@@ -374,6 +374,10 @@ class DiskTier:
                 bad_source.append(b)
             elif e:
                 index.counters["write_errors"] += 1
+            else:
+                lost.append((b, h))
+        if pinned_ns is None and lost and not fut.cancelled():  # write-through: try again
+            self._write_through[pool.pool_id].extend(lost)
         index.counters["written_blocks"] += len(stored)
         if stored:
             self._on_event(p.BlockStored(pool.pool_id, pool.fingerprint, stored, p.Tier.DISK))
