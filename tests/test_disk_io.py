@@ -16,7 +16,7 @@ from kvbm_shm.workers.disk_io import DiskIo
 
 FP = "ef" * 16
 BLOCK = 3 * 4096 + 100
-N = 6
+N = 8
 
 
 def h(i: int) -> bytes:
@@ -77,7 +77,7 @@ def test_every_kind_of_bad_slot_is_reported(setup):
         raw.seek(-1, 1)
         raw.write(bytes([byte[0] ^ 0x10]))
     os.truncate(f.path, g3.slot_offset(7, f.slot_bytes) + 10)  # slot 7 is cut short
-    read = job(p.DiskRead, seg, f, [4, 5, 4, 5], [0, 1, 2, 7], sums, hashes=[h(0), h(1), h(2), h(3)])
+    read = job(p.DiskRead, seg, f, [4, 5, 6, 7], [0, 1, 2, 7], sums, hashes=[h(0), h(1), h(2), h(3)])
     read.generations[2] += 1  # the index expects a newer write of slot 2 than the disk holds
     done = io.handle(read)
     assert done.failed == [1, 2, 3]

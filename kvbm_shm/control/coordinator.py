@@ -224,8 +224,7 @@ class Coordinator:
         ids = pool.allocate(m.hashes, lease.client_id)
         lease.pending.setdefault(pool.pool_id, set()).update(b for b in ids if b >= 0)
         if self.disk is not None:
-            self.disk.offered(m.hashes)
-            self.disk.pump()
+            self.disk.allocated(pool, m.hashes)
         return p.AllocateReply(m.req, ids)
 
     def _commit(self, m: p.Commit) -> p.Reply:

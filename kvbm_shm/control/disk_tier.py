@@ -13,14 +13,15 @@ Hooks, called by the coordinator:
 - `attach(pool, namespace)`: a G2 pool exists (created or recovered). Opens or creates the
   namespace's file (`budget // tp_size`, or what is left) and makes the pool's `tier` flags agree
   with what is on disk.
-- `offered(hashes)`: every Allocate, for the admission filter.
-- `committed(pool, ids)`: every Commit; with `disk_write_through` the blocks are queued for disk.
+- `allocated(pool, hashes)`: every Allocate: counts the uses for admission, plans write-back.
+- `committed(pool, ids)`: every Commit; with `disk_write_through` the blocks are written now.
 - `fetch(pool, hashes, g2_ids) -> Fetch | None`: a Lookup whose G2 prefix ended before its last
   hash. None, at the cost of one dict lookup, unless the next block is on disk or being staged:
   then the G2 prefix is pinned, G2 blocks are allocated for the G3 hits that continue it, and
   read jobs are submitted. `Fetch.future` is done when every read is; `Fetch.result()` is the
   verified prefix (block ids, tiers); `Fetch.release()` drops the fetch's own pins.
-- `pump()`: plan write-back (also run after every finished job and by `sweep(now)`).
+- `sweep(now)`: decays the admission filter and plans write-back; planning also runs after every
+  finished job. Planning costs O(window) numpy work plus Python only for blocks not yet judged.
 - `stats()`, `close()`.
 
 Write-back: when a pool's free blocks fall under `disk_low_watermark` of its size, the blocks
@@ -70,8 +71,9 @@ WORKER_MODULE = "kvbm_shm.workers.disk_io"
 LOCK_FILE = "g3.lock"
 IO_LOCK_FILE = "g3-io.lock"
 _JOB_BYTES = 32 << 20  # bytes per job: large enough to keep a worker's threads busy
-_OLD_WORKERS_WAIT_S = 30.0
-_PUMP_EVERY_S = 0.001  # write-back planning after Allocates, at most this often
+_OLD_WORKERS_WAIT_S = 10.0
+_MAX_WINDOW = 1024  # blocks ahead of eviction that write-back looks at, at most
+_NOT_REJECTED = np.uint64(2**64 - 1)
 
 
 def open_disk_dir(config: ServiceConfig) -> Path:
@@ -93,6 +95,19 @@ def open_disk_dir(config: ServiceConfig) -> Path:
     except OSError as e:
         raise ConfigError(f"disk_dir {base} is not writable (uid {os.getuid()}): {e.strerror}") from e
     return path
+
+
+@dataclasses.dataclass(eq=False)
+class _Attached:
+    """A G2 pool and its namespace's G3 file."""
+
+    pool: BlockPool
+    index: G3Index
+    # per G2 block: the record generation at which admission last turned it down; while the record
+    # is untouched (no hit, no touch, no reuse) and its hash is not stored again, the answer stands
+    rejected_at: np.ndarray
+    writing: int = 0  # blocks pinned by write jobs in flight: as good as clean for the window
+    write_through: collections.deque = dataclasses.field(default_factory=collections.deque)  # (block, hash)
 
 
 @dataclasses.dataclass(eq=False)
@@ -139,10 +154,10 @@ class Fetch:
             self.pool.unpin(self._pins)
             self._pins = []
 
-    def _hit(self, block: int) -> None:
-        self.pool.pin([block], 0)
-        self._pins.append(block)
-        self._steps.append((block, None, 0))
+    def _pin(self, blocks: list[int]) -> None:
+        if blocks:
+            self.pool.pin(blocks, 0)
+            self._pins.extend(blocks)
 
     def _wait(self, read: _Read, i: int) -> None:
         self._steps.append((-1, read, i))
@@ -150,17 +165,9 @@ class Fetch:
             self._waiting.add(id(read))
             read.waiters.append(self)
 
-    def _unwait(self, read: _Read) -> None:
-        """`read` ended up empty: forget it."""
-        self._waiting.discard(id(read))
-        read.waiters.remove(self)
-
     def _finished(self, read: _Read) -> None:
         """`read` is done: pin what it staged for this fetch before anything can evict it."""
-        good = [read.blocks[i] for _, r, i in self._steps if r is read and read.ok[i]]
-        if good:
-            self.pool.pin(good, 0)
-            self._pins.extend(good)
+        self._pin([read.blocks[i] for _, r, i in self._steps if r is read and read.ok[i]])
         self._waiting.discard(id(read))
         if not self._waiting:
             self.future.set_result(None)
@@ -177,12 +184,9 @@ class DiskTier:
         self._wait_for_old_workers()
         self.admission = AdmissionFilter(config.disk_admit_uses)
         self._indexes: dict[str, G3Index] = {}  # by namespace fingerprint, attached or not
-        self._by_pool: dict[int, tuple[BlockPool, G3Index]] = {}
-        self._tp_size: dict[str, int] = {}
+        self._by_pool: dict[int, _Attached] = {}
         self._staging: dict[tuple[int, bytes], tuple[_Read, int]] = {}
-        self._write_through: dict[int, collections.deque] = collections.defaultdict(collections.deque)
         self._writes_in_flight = 0
-        self._last_pump = 0.0
         self._closed = False
         self._open_files()
 
@@ -196,78 +200,86 @@ class DiskTier:
         index = self._indexes.get(fp) or self._create(namespace)
         if index is None:
             return
-        self._by_pool[pool.pool_id] = (pool, index)
+        self._by_pool[pool.pool_id] = _Attached(pool, index, np.full(pool.num_blocks, _NOT_REJECTED))
         on_disk = [b for h, b in pool.registry.items() if h in index.entries]
         pool.set_tier(list(pool.registry.values()), p.Tier.CPU)  # a recovered pool's flags may be stale
         pool.set_tier(on_disk, p.Tier.DISK)
         log.info("G3 for pool %d (%s): %s, %d slots, %d blocks on disk, %d of them also in G2", pool.pool_id,
                  namespace.model, index.path, index.num_slots, len(index.entries), len(on_disk))
 
-    def offered(self, hashes: list[bytes]) -> None:
+    def allocated(self, pool: BlockPool, hashes: list[bytes]) -> None:
+        """After an Allocate: count the uses, then plan write-back (free blocks went down)."""
         self.admission.offered(hashes)
+        attached = self._by_pool.get(pool.pool_id)
+        if attached is None:
+            return
+        for h in hashes:  # a cached hash stored again may pass admission now
+            b = pool.registry.get(h)
+            if b is not None:
+                attached.rejected_at[b] = _NOT_REJECTED
+        self._plan_writes(attached)
 
     def committed(self, pool: BlockPool, ids: list[int]) -> None:
-        write_through = self.config.disk_write_through and pool.pool_id in self._by_pool
-        if write_through:
-            self._write_through[pool.pool_id].extend((b, pool.hash_of(b)) for b in ids)
-        self.pump(force=write_through)
+        attached = self._by_pool.get(pool.pool_id)
+        if attached is not None and self.config.disk_write_through:
+            attached.write_through.extend((b, pool.hash_of(b)) for b in ids)
+            self._plan_writes(attached)
 
     def fetch(self, pool: BlockPool, hashes: list[bytes], g2_ids: list[int]) -> Fetch | None:
-        entry = self._by_pool.get(pool.pool_id)
-        if entry is None:
+        attached = self._by_pool.get(pool.pool_id)
+        if attached is None:
             return None
-        index = entry[1]
+        index = attached.index
         first = hashes[len(g2_ids)]
         if index.lookup(first) is None and (pool.pool_id, first) not in self._staging:
             return None
-        fetch = Fetch(pool)
-        for b in g2_ids:
-            fetch._hit(b)  # pinned first: the allocations below must not evict them
-        read = _Read(pool, index)
+        prefix: list[tuple[str, bytes, object]] = []  # ("g2", h, block) | ("staging", h, (read, i)) | ("g3", h, slot)
         for h in hashes[len(g2_ids):]:
             b = pool.registry.get(h)
+            staged = self._staging.get((pool.pool_id, h)) if b is None else None
+            slot = index.lookup(h) if b is None and staged is None else None
             if b is not None:
-                fetch._hit(b)
-                continue
-            staged = self._staging.get((pool.pool_id, h))
-            if staged is not None:  # another lookup is reading it: wait for that read
-                fetch._wait(*staged)
-                continue
-            slot = index.lookup(h)
-            if slot is None or index.state[slot] != SlotState.STORED:
+                prefix.append(("g2", h, b))
+            elif staged is not None:  # another lookup is reading it: wait for that read
+                prefix.append(("staging", h, staged))
+            elif slot is not None:
+                prefix.append(("g3", h, slot))
+            else:
                 break
-            got = pool.allocate([h], 0)[0]
-            if got < 0:  # no room in G2, or a client is storing it right now
-                break
-            index.begin_read(slot)
-            self._staging[(pool.pool_id, h)] = (read, len(read.blocks))
-            fetch._wait(read, len(read.blocks))
-            read.blocks.append(got)
-            read.slots.append(slot)
-            read.hashes.append(h)
+        fetch = Fetch(pool)
+        fetch._pin(g2_ids + [b for where, _, b in prefix if where == "g2"])  # first: allocating must not evict them
+        fetch._steps.extend((b, None, 0) for b in g2_ids)
+        read = _Read(pool, index)
+        for where, h, what in prefix:
+            if where == "g2":
+                fetch._steps.append((what, None, 0))
+            elif where == "staging":
+                fetch._wait(*what)
+            else:
+                got = pool.allocate([h], 0)[0]
+                if got < 0:  # no room in G2, or a client is storing it right now: the prefix ends
+                    break
+                index.begin_read(what)
+                self._staging[(pool.pool_id, h)] = (read, len(read.blocks))
+                fetch._wait(read, len(read.blocks))
+                read.blocks.append(got)
+                read.slots.append(what)
+                read.hashes.append(h)
         if read.blocks:
             self._submit_reads(read)
-        elif read.waiters:
-            fetch._unwait(read)
         if not fetch._waiting:
             fetch.release()
             return None
         return fetch
 
-    def pump(self, force: bool = False) -> None:
+    def pump(self) -> None:
         """Plan write-back for every pool with a G3 file."""
-        now = time.monotonic()
-        if self._closed or (not force and now - self._last_pump < _PUMP_EVERY_S):
-            return
-        self._last_pump = now
-        if WORKER_KIND not in self._workers:
-            return
-        for pool, index in self._by_pool.values():
-            self._plan_writes(pool, index)
+        for attached in self._by_pool.values():
+            self._plan_writes(attached)
 
     def sweep(self, now: float) -> None:
         self.admission.decay(now)
-        self.pump(force=True)
+        self.pump()
 
     def stats(self) -> list[p.DiskStats]:
         return [p.DiskStats(fp, index.path, index.num_slots, index.block_bytes, len(index.entries),
@@ -289,8 +301,11 @@ class DiskTier:
 
     # ------------------------------------------------------------ write-back
 
-    def _plan_writes(self, pool: BlockPool, index: G3Index) -> None:
-        group = self._workers[WORKER_KIND]
+    def _plan_writes(self, attached: _Attached) -> None:
+        group = self._workers.get(WORKER_KIND)
+        if self._closed or group is None:
+            return
+        pool, index = attached.pool, attached.index
         job_blocks = max(1, min(64, _JOB_BYTES // self._slot_bytes(index)))
         room = 2 * job_blocks * max(group.alive(), 1) - self._writes_in_flight
         if room <= 0:
@@ -298,23 +313,24 @@ class DiskTier:
         write_through = self.config.disk_write_through
         picked: list[int] = []
         if write_through:
-            queue = self._write_through[pool.pool_id]
+            queue = attached.write_through
             while queue and len(picked) < room:
                 b, h = queue.popleft()
                 if (h is not None and pool.hash_of(b) == h and pool.state_of(b) == BlockState.REGISTERED
                         and pool.table["tier"][b] == p.Tier.CPU):
                     picked.append(b)
         else:
-            need = max(1, int(self.config.disk_low_watermark * pool.num_blocks)) - pool.num_free
+            window = min(max(1, int(self.config.disk_low_watermark * pool.num_blocks)), _MAX_WINDOW)
+            need = window - pool.num_free - attached.writing
             if need <= 0:
                 return
             order = np.asarray(pool.eviction_order(need), np.int64)
             if not len(order):
                 return
-            dirty = order[pool.table["tier"][order] == p.Tier.CPU]
-            hits = pool.table["hits"][dirty].tolist()
+            gen = pool.table["generation"][order]
+            fresh = (pool.table["tier"][order] == p.Tier.CPU) & (attached.rejected_at[order] != gen)
             on_disk = []
-            for b, n in zip(dirty.tolist(), hits):
+            for b, n, g in zip(order[fresh].tolist(), pool.table["hits"][order[fresh]].tolist(), gen[fresh].tolist()):
                 h = pool.hash_of(b)
                 if index.lookup(h) is not None:  # stored again after an eviction, still on disk
                     on_disk.append(b)
@@ -322,6 +338,8 @@ class DiskTier:
                     picked.append(b)
                     if len(picked) >= room:
                         break
+                else:
+                    attached.rejected_at[b] = g
             pool.set_tier(on_disk, p.Tier.DISK)
         blocks, slots, hashes = [], [], []
         evicted: list[bytes] = []
@@ -342,6 +360,7 @@ class DiskTier:
         pool.pin(blocks, 0)
         pinned_ns = time.monotonic_ns()
         self._writes_in_flight += len(blocks)
+        attached.writing += len(blocks)
         for start in range(0, len(blocks), job_blocks):
             part = slice(start, start + job_blocks)
             job_ids, job_slots, job_hashes = blocks[part], slots[part], hashes[part]
@@ -350,13 +369,14 @@ class DiskTier:
                               job_ids, job_slots, job_hashes, checksums,
                               index.generation[job_slots].tolist(), pool.table["priority"][job_ids].tolist())
             fut = group.submit(job)
-            fut.add_done_callback(lambda f, a=(pool, index, job_ids, job_slots, job_hashes, checksums):
+            fut.add_done_callback(lambda f, a=(attached, job_ids, job_slots, job_hashes, checksums):
                                   self._write_done(*a, pinned_ns=None if write_through else pinned_ns, fut=f))
 
-    def _write_done(self, pool: BlockPool, index: G3Index, blocks: list[int], slots: list[int],
-                    hashes: list[bytes], checksums: list[int], pinned_ns: int | None,
-                    fut: concurrent.futures.Future) -> None:
+    def _write_done(self, attached: _Attached, blocks: list[int], slots: list[int], hashes: list[bytes],
+                    checksums: list[int], pinned_ns: int | None, fut: concurrent.futures.Future) -> None:
+        pool, index = attached.pool, attached.index
         self._writes_in_flight -= len(blocks)
+        attached.writing -= len(blocks)
         failed = _failures(fut, len(blocks), "write", index.path)
         stored, bad_source, lost = [], [], []
         for i, (b, slot, h) in enumerate(zip(blocks, slots, hashes)):
@@ -377,7 +397,7 @@ class DiskTier:
             else:
                 lost.append((b, h))
         if pinned_ns is None and lost and not fut.cancelled():  # write-through: try again
-            self._write_through[pool.pool_id].extend(lost)
+            attached.write_through.extend(lost)
         index.counters["written_blocks"] += len(stored)
         if stored:
             self._on_event(p.BlockStored(pool.pool_id, pool.fingerprint, stored, p.Tier.DISK))
@@ -388,7 +408,7 @@ class DiskTier:
         else:
             pool.unpin_cold(blocks, pinned_ns)
         if not fut.cancelled():
-            self.pump(force=True)
+            self.pump()
 
     def _evicted_from_g3(self, pool: BlockPool, index: G3Index, hashes: list[bytes]) -> None:
         if not hashes:
@@ -527,12 +547,11 @@ class DiskTier:
             log.info("G3 file %s (%s): %d blocks found in %d slots in %.2f s", f.path, ns.model, n, f.num_slots,
                      time.monotonic() - t0)
             self._indexes[ns.fingerprint] = index
-            self._tp_size[ns.fingerprint] = ns.tp_size
             used += f.size_bytes()
 
     def _create(self, ns: Namespace) -> G3Index | None:
         want = self._slots_for(ns, self._used_bytes())
-        attached = {index.fingerprint for _, index in self._by_pool.values()}
+        attached = {a.index.fingerprint for a in self._by_pool.values()}
         idle = sorted((fp for fp in self._indexes if fp not in attached),
                       key=lambda fp: self._indexes[fp].file.path.stat().st_mtime)
         while want < 1 and idle:
@@ -556,7 +575,6 @@ class DiskTier:
         log.info("created G3 file %s for %s: %d slots of %d bytes (%.1f MiB)", path, ns.model, want,
                  f.slot_bytes, f.size_bytes() / 2**20)
         index = self._indexes[ns.fingerprint] = G3Index(f)
-        self._tp_size[ns.fingerprint] = ns.tp_size
         return index
 
     def _slots_for(self, ns: Namespace, used_bytes: int) -> int:

@@ -19,6 +19,7 @@ import collections
 import concurrent.futures
 import itertools
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -132,7 +133,8 @@ class WorkerGroup:
 
     def _spawn(self, name: str) -> None:
         cmd = [sys.executable, "-m", self._module, "--endpoint", self.endpoint, "--name", name, *self._args]
-        self._procs[name] = subprocess.Popen(cmd)
+        env = {**os.environ, p.WORKER_PARENT_PID_ENV: str(os.getpid())}  # the worker exits when this process is gone
+        self._procs[name] = subprocess.Popen(cmd, env=env)
 
     def _dispatch(self) -> None:
         while self._queue and self._ready:

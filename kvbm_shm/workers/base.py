@@ -4,7 +4,9 @@
 coordinator's worker socket, sends `WorkerReady`, then for each job calls `handle(job)` and
 sends back its `JobDone`. An exception in `handle` becomes `JobDone(ok=False, error=...)`: the
 worker keeps serving. The loop ends when the coordinator (the parent process) goes away or on
-SIGTERM. `worker_main` is the common command line: `--endpoint E --name N` plus extra options.
+SIGTERM; a send that cannot reach the coordinator within a second also ends it (a DEALER whose
+peer died would block forever). `worker_main` is the common command line: `--endpoint E --name N`
+plus extra options.
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ def serve_jobs(endpoint: str, name: str, job_type, handle: Callable[[p._Job], p.
     decoder = msgspec.msgpack.Decoder(job_type)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    parent = os.getppid()
+    parent = int(os.environ.get(p.WORKER_PARENT_PID_ENV) or os.getppid())  # env: the parent may be dead already
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, name.encode())
     sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.SNDTIMEO, 1000)  # a DEALER whose peer died would block in send forever
     sock.connect(endpoint)
-    sock.send_multipart(p.encode(p.WorkerReady(name, os.getpid())))
     try:
+        sock.send_multipart(p.encode(p.WorkerReady(name, os.getpid())))
         while not stop and os.getppid() == parent:
             if not sock.poll(200):
                 continue
@@ -50,6 +53,8 @@ def serve_jobs(endpoint: str, name: str, job_type, handle: Callable[[p._Job], p.
                 log.exception("worker %s: job %d failed", name, job.job_id)
                 done = p.JobDone(job.job_id, False, f"{type(e).__name__}: {e}")
             sock.send_multipart(p.encode(done))
+    except zmq.Again:
+        log.warning("worker %s: the coordinator is gone", name)
     finally:
         sock.close()
         ctx.term()

@@ -131,11 +131,17 @@ class DiskIo:
         recs = g3.slot_headers(headers, n)
         one = self._write_one if isinstance(job, p.DiskWrite) else self._read_one
         results = list(self._pool.map(lambda i: one(job, i, seg, f, headers, recs[i]), range(n)))
-        failed = [i for i, e in enumerate(results) if e]
-        errnos = [results[i] for i in failed]
+        failed = [i for i, (e, _) in enumerate(results) if e]
+        errnos = [results[i][0] for i in failed]
         error = ""
         if failed:
-            kinds = sorted({errno.errorcode.get(e, str(e)) for e in errnos})
+            first = {}
+            for i in failed:
+                first.setdefault(results[i][0], (i, results[i][1]))
+            for e, (i, why) in first.items():  # one line per kind of failure, not per block
+                log.warning("%s of %s: %d block(s) failed with %s, e.g. slot %d: %s", type(job).__name__, f.path,
+                            errnos.count(e), errno.errorcode.get(e, e), job.slots[i], why)
+            kinds = sorted(errno.errorcode.get(e, str(e)) for e in first)
             error = f"{len(failed)} of {n} blocks failed ({', '.join(kinds)})"
         return p.JobDone(job.job_id, not failed, error, failed, (n - len(failed)) * seg.block_bytes, errnos)
 
@@ -146,11 +152,11 @@ class DiskIo:
             self._headers = mmap.mmap(-1, n * g3.SLOT_HEADER_BYTES)
         return self._headers
 
-    def _write_one(self, job: p.DiskWrite, i: int, seg: PoolSegment, f: _File, headers, rec) -> int:
+    def _write_one(self, job: p.DiskWrite, i: int, seg: PoolSegment, f: _File, headers, rec) -> tuple[int, str]:
+        """(0, "") or (errno, why) for block i of the job."""
         b, slot = job.block_ids[i], job.slots[i]
         if g3.block_checksum(seg.block(b)) != job.checksums[i]:
-            log.error("G2 block %d of %s does not match its checksum: not written to %s", b, seg.name, f.path)
-            return errno.EBADMSG
+            return errno.EBADMSG, f"G2 block {b} of {seg.name} does not match its checksum: not written"
         g3.pack_slot_header(rec, fingerprint=job.fingerprint, hash=job.hashes[i], generation=job.generations[i],
                             length=seg.block_bytes, checksum=job.checksums[i],
                             priority=job.priorities[i] if job.priorities else 0)
@@ -159,24 +165,21 @@ class DiskIo:
         try:
             done = f.io(os.pwritev, buffers, g3.slot_offset(slot, f.slot_bytes))
         except OSError as e:
-            log.error("writing slot %d of %s: %s", slot, f.path, e)
-            return e.errno or errno.EIO
+            return e.errno or errno.EIO, str(e)
         if done != want:  # a short write: the disk ran out of room part-way
-            log.error("writing slot %d of %s: %d of %d bytes written", slot, f.path, done, want)
-            return errno.ENOSPC
-        return 0
+            return errno.ENOSPC, f"{done} of {want} bytes written"
+        return 0, ""
 
-    def _read_one(self, job: p.DiskRead, i: int, seg: PoolSegment, f: _File, headers, rec) -> int:
+    def _read_one(self, job: p.DiskRead, i: int, seg: PoolSegment, f: _File, headers, rec) -> tuple[int, str]:
+        """(0, "") or (errno, why) for block i of the job; on failure the G2 block holds garbage."""
         b, slot = job.block_ids[i], job.slots[i]
         buffers = [memoryview(headers)[i * g3.SLOT_HEADER_BYTES:(i + 1) * g3.SLOT_HEADER_BYTES], _stride(seg, b)]
         try:
             done = f.io(os.preadv, buffers, g3.slot_offset(slot, f.slot_bytes))
         except OSError as e:
-            log.error("reading slot %d of %s: %s", slot, f.path, e)
-            return e.errno or errno.EIO
+            return e.errno or errno.EIO, str(e)
         if done < g3.SLOT_HEADER_BYTES + seg.block_bytes:
-            log.warning("slot %d of %s lies past the end of the file (truncated): dropped", slot, f.path)
-            return errno.ENODATA
+            return errno.ENODATA, "the slot lies past the end of the file (truncated)"
         why = g3.check_slot_header(rec, job.fingerprint, seg.block_bytes)
         if why is None and (bytes(rec["hash"]) != job.hashes[i] or int(rec["generation"]) != job.generations[i]
                             or int(rec["checksum"]) != job.checksums[i]):
@@ -184,9 +187,8 @@ class DiskIo:
         if why is None and g3.block_checksum(seg.block(b)) != job.checksums[i]:
             why = "block bytes do not match their checksum"
         if why is not None:
-            log.warning("slot %d of %s failed verification (%s): dropped", slot, f.path, why)
-            return errno.EBADMSG
-        return 0
+            return errno.EBADMSG, f"failed verification ({why})"
+        return 0, ""
 
 
 def _stride(seg: PoolSegment, block_id: int):
