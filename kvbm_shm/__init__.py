@@ -4,10 +4,12 @@ The public API, re-exported lazily so that `import kvbm_shm` stays light (no tor
 no running service needed):
 
     Client, AsyncClient, Pool, EngineKv, StoreResult, LoadResult     (kvbm_shm.client)
+    DeviceKv, Transfer, TransferResult                              (kvbm_shm.device_client)
+    StandInKv                                                       (kvbm_shm.standin)
     Namespace, KvLayout, EngineLayout, TensorSpec                   (kvbm_shm.layout)
     sequence_hashes, salt_for                                       (kvbm_shm.hashing)
     ServiceConfig, ClientConfig                                     (kvbm_shm.config)
-    KvbmError and its subclasses, ErrorCode                         (kvbm_shm.errors)
+    KvbmError and its subclasses (DeviceError too), ErrorCode      (kvbm_shm.errors)
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Client": "client", "AsyncClient": "client", "Pool": "client", "EngineKv": "client",
     "StoreResult": "client", "LoadResult": "client",
+    "DeviceKv": "device_client", "Transfer": "device_client", "TransferResult": "device_client",
+    "StandInKv": "standin",
     "Namespace": "layout", "KvLayout": "layout", "EngineLayout": "layout", "TensorSpec": "layout",
     "sequence_hashes": "hashing", "salt_for": "hashing",
     "ServiceConfig": "config", "ClientConfig": "config",
     "KvbmError": "errors", "ErrorCode": "errors", "ProtocolError": "errors", "RequestError": "errors",
     "LeaseError": "errors", "CapacityError": "errors", "CoordinatorUnavailable": "errors",
-    "CorruptionError": "errors", "ConfigError": "errors",
+    "CorruptionError": "errors", "ConfigError": "errors", "DeviceError": "errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -53,6 +53,7 @@ class ServiceConfig:
     disk_cache_gb: float = 0.0  # G3 budget; 0 turns the disk tier off
     disk_dir: Path = dataclasses.field(default_factory=default_disk_dir)
     metrics_port: int = 0  # Prometheus endpoint; 0 turns it off
+    transfer_workers: int = 1  # G1 <-> G2 transfer worker processes; 0: only engine-driven copies
     disk_io_workers: int = 2  # NVMe I/O worker processes (with the disk tier on)
     disk_io_threads: int = 4  # blocks in flight per I/O worker
     disk_write_through: bool = False  # write every committed block to G3 at once (default: write-back)
@@ -67,6 +68,8 @@ class ServiceConfig:
             raise ConfigError(f"lease_ms must be at least 50, got {self.lease_ms}")
         if self.disk_cache_gb < 0:
             raise ConfigError(f"disk_cache_gb must not be negative, got {self.disk_cache_gb}")
+        if self.transfer_workers < 0:
+            raise ConfigError(f"transfer_workers must not be negative, got {self.transfer_workers}")
         if self.disk_io_workers < 1 or self.disk_io_threads < 1:
             raise ConfigError(f"disk_io_workers and disk_io_threads must be at least 1, got "
                               f"{self.disk_io_workers} and {self.disk_io_threads}")

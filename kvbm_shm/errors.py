@@ -33,6 +33,8 @@ class ErrorCode(enum.IntEnum):
     CORRUPT = 17  # bytes or a header failed verification
     ALREADY_RUNNING = 18  # another live coordinator holds the instance
     WORKER_FAILED = 19  # a worker process died or failed the job; the blocks were not moved
+    UNKNOWN_DEVICE = 20  # the device (G1) registration is not, or no longer, known
+    DEVICE_FAILED = 21  # a CUDA call, or exporting or importing a tensor across processes, failed
 
 
 _RETRYABLE = {ErrorCode.UNKNOWN_LEASE, ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE, ErrorCode.WORKER_FAILED}
@@ -93,6 +95,13 @@ class CorruptionError(KvbmError):
     code = ErrorCode.CORRUPT
 
 
+class DeviceError(KvbmError):
+    """A GPU operation failed: no usable GPU or driver, a CUDA error, or a tensor that cannot be
+    shared across processes the way it was asked (the message says which way it needs)."""
+
+    code = ErrorCode.DEVICE_FAILED
+
+
 class ConfigError(KvbmError):
     """A configuration value is missing, malformed, or the environment cannot satisfy it."""
 
@@ -110,6 +119,7 @@ _BY_CODE: dict[ErrorCode, type[KvbmError]] = {
     ErrorCode.TIMEOUT: CoordinatorUnavailable,
     ErrorCode.UNAVAILABLE: CoordinatorUnavailable,
     ErrorCode.CORRUPT: CorruptionError,
+    ErrorCode.DEVICE_FAILED: DeviceError,
 }
 
 

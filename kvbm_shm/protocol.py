@@ -26,7 +26,7 @@ from typing import Union
 import msgspec
 
 from .errors import ErrorCode, ProtocolError
-from .layout import Namespace
+from .layout import EngineLayout, Namespace
 
 PROTOCOL_VERSION = 1
 VERSION_FRAME = b"kvbm/%d" % PROTOCOL_VERSION
@@ -274,6 +274,128 @@ class EventBatch(msgspec.Struct):
     events: list[Event]
 
 
+# ---------------------------------------------------------------- device tier (G1)
+#
+# An engine registers its KV tensors for worker-driven transfers with `RegisterDevice`: one
+# `TensorHandle` per tensor of the pool's engine layout, each naming memory that another process
+# can map (`ShmTensor`: the CPU stand-in; `CudaIpcTensor`: a legacy CUDA IPC handle of the
+# allocation base plus the tensor's offset; `CudaVmmTensor`: VMM allocations whose file
+# descriptors the exporter hands out over an AF_UNIX socket). `Offload` and `Onboard` answer at
+# once with a transfer id; a transfer worker moves the bytes; `WaitTransfers` answers when the
+# listed transfers have finished or `timeout_ms` has passed (0: poll). A finished transfer is
+# reported once, then forgotten. `failed` lists positions (within the request's batch) whose
+# blocks were not moved: the engine recomputes them.
+
+
+class ShmTensor(msgspec.Struct, tag="shm", array_like=True):
+    """A CPU stand-in tensor: `offset` bytes into the shm segment `segment`."""
+
+    segment: str
+    offset: int
+
+
+class CudaIpcTensor(msgspec.Struct, tag="cuda_ipc", array_like=True):
+    """cudaMalloc memory: legacy IPC handle of the allocation base, the tensor `offset` bytes in."""
+
+    device_uuid: bytes  # 16 bytes: ordinals differ between processes, UUIDs do not
+    handle: bytes  # the 64-byte CUipcMemHandle of the allocation base
+    alloc_bytes: int
+    offset: int
+
+
+class VmmPiece(msgspec.Struct, array_like=True):
+    """One physical allocation mapped `offset` bytes into a VMM tensor's range."""
+
+    offset: int
+    size: int
+
+
+class CudaVmmTensor(msgspec.Struct, tag="cuda_vmm", array_like=True):
+    """cuMemCreate memory: pieces mapped back to back, the tensor `offset` bytes into the first.
+
+    The importer connects to the exporter's abstract AF_UNIX socket `fd_socket`, sends `token`,
+    and receives one POSIX file descriptor per piece (SCM_RIGHTS)."""
+
+    device_uuid: bytes
+    fd_socket: str
+    token: bytes
+    pieces: list[VmmPiece]
+    offset: int
+
+
+class TensorHandle(msgspec.Struct, array_like=True):
+    memory: Union[ShmTensor, CudaIpcTensor, CudaVmmTensor]
+    shape: list[int]
+    strides: list[int]  # in bytes
+    dtype: str
+
+
+class RegisterDevice(_Request, tag="register_device"):
+    """Register an engine's KV tensors (in the pool's engine layout) for worker-driven transfers."""
+
+    client_id: int
+    pool_id: int
+    tensors: list[TensorHandle]
+
+
+class UnregisterDevice(_Request, tag="unregister_device"):
+    """Answered once no transfer uses the device and every worker has closed its handles."""
+
+    client_id: int
+    device_id: int
+
+
+class Offload(_Request, tag="offload"):
+    """G1 -> G2: copy these device blocks into new G2 blocks for the hashes not yet cached."""
+
+    client_id: int
+    device_id: int
+    hashes: list[bytes]
+    device_block_ids: list[int]
+    priority: int = 0
+
+
+class Onboard(_Request, tag="onboard"):
+    """G2 -> G1: copy the longest cached prefix of `hashes` into these device blocks."""
+
+    client_id: int
+    device_id: int
+    hashes: list[bytes]
+    device_block_ids: list[int]
+
+
+class WaitTransfers(_Request, tag="wait_transfers"):
+    client_id: int
+    transfer_ids: list[int]
+    timeout_ms: int = 0
+
+
+class DeviceReply(_Reply, tag="device"):
+    device_id: int
+    num_device_blocks: int
+
+
+class TransferReply(_Reply, tag="transfer"):
+    transfer_id: int  # 0: nothing to move, the transfer is already complete
+    block_ids: list[int]  # offload: one per hash, a G2 block or a sentinel; onboard: the hit prefix
+
+
+class TransferStatus(msgspec.Struct, array_like=True):
+    transfer_id: int
+    done: bool
+    failed: list[int] = []  # positions in the request's batch whose blocks were not moved
+    error: str = ""
+    nbytes: int = 0
+
+
+class TransfersReply(_Reply, tag="transfers"):
+    transfers: list[TransferStatus]
+
+
+Request = Union[Request, RegisterDevice, UnregisterDevice, Offload, Onboard, WaitTransfers]
+Reply = Union[Reply, DeviceReply, TransferReply, TransfersReply]
+
+
 # ---------------------------------------------------------------- encoding
 
 _request_decoder = msgspec.msgpack.Decoder(Request)
@@ -358,11 +480,43 @@ class JobDone(msgspec.Struct, tag="done", array_like=True):
     error: str = ""
     failed: list[int] = []  # positions within the job's batch that did not complete
     nbytes: int = 0  # bytes moved
+    checksums: list[int] = []  # offload: xxh3-64 of each written G2 block, in the job's order
     errnos: list[int] = []  # per entry of `failed`, when known: why (EBADMSG: the bytes failed verification)
 
 
 class _Job(msgspec.Struct, tag_field="job", array_like=True):
     job_id: int
+
+
+class DeviceSpec(msgspec.Struct, array_like=True):
+    """A registered device as a transfer worker needs it: its tensors and their layout."""
+
+    device_id: int
+    layout: EngineLayout
+    tensors: list[TensorHandle]
+
+
+class TransferJob(_Job, tag="transfer"):
+    """Offload (gather device blocks into G2 blocks) or onboard (scatter G2 blocks into device
+    blocks). For an onboard, a block whose bytes fail their `checksums` entry is not copied and
+    is reported in `JobDone.failed`."""
+
+    offload: bool
+    device: DeviceSpec
+    pool_segment: str
+    segment_id: str
+    device_block_ids: list[int]
+    g2_block_ids: list[int]
+    checksums: list[int] = []  # onboard: verify before copying; empty: no verification
+
+
+class CloseDevice(_Job, tag="close_device"):
+    """Close this process's imported handles of a device (it was unregistered)."""
+
+    device_id: int
+
+
+TransferWorkerJob = Union[TransferJob, CloseDevice]
 
 
 class _DiskJob(_Job):

@@ -92,12 +92,18 @@ def read_info(path: Path) -> RuntimeInfo | None:
 
 
 def remove(path: Path) -> None:
-    """Remove what a coordinator put in its directory (sockets, runtime file, lock)."""
-    for name in (CONTROL_SOCKET, EVENTS_SOCKET, INFO_FILE, LOCK_FILE):
-        try:
-            os.unlink(Path(path) / name)
-        except FileNotFoundError:
-            pass
+    """Remove what a coordinator put in its directory (sockets, runtime file, lock), then the directory."""
+    path = Path(path)
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name in (INFO_FILE, INFO_FILE + ".tmp", LOCK_FILE) or stat.S_ISSOCK(os.lstat(path / name).st_mode):
+            try:
+                os.unlink(path / name)
+            except FileNotFoundError:
+                pass
     try:
         os.rmdir(path)
     except OSError:

@@ -121,11 +121,11 @@ def list_segments(prefix: str = SEGMENT_PREFIX) -> list[str]:
 class Segment:
     """A mapped shm segment. `buf` is the mmap; numpy views come from `view`."""
 
-    def __init__(self, name: str, fd: int, size: int, writable: bool):
+    def __init__(self, name: str, fd: int, size: int, writable: bool, populate: bool = True):
         self.name = name
         self.size = size
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
         try:
             self.buf = mmap.mmap(fd, size, flags=flags, prot=prot)
         finally:
@@ -160,15 +160,18 @@ class Segment:
             raise
 
     @classmethod
-    def attach(cls, name: str, writable: bool = True) -> "Segment":
-        """Map an existing segment. FileNotFoundError if it does not exist."""
+    def attach(cls, name: str, writable: bool = True, populate: bool = True) -> "Segment":
+        """Map an existing segment. FileNotFoundError if it does not exist.
+
+        `populate=False` maps lazily: a reader of the header and table (the inspection tools)
+        then faults in only the pages it reads, not the whole pool."""
         _check_name(name)
         fd = os.open(SHM_DIR / name, os.O_RDWR if writable else os.O_RDONLY)
         size = os.fstat(fd).st_size
         if size == 0:
             os.close(fd)
             raise CorruptionError(f"segment {name} is empty")
-        return cls(name, fd, size, writable)
+        return cls(name, fd, size, writable, populate)
 
     def view(self, dtype, offset: int = 0, count: int = -1) -> np.ndarray:
         arr = np.frombuffer(self.buf, dtype=dtype, count=count, offset=offset)
@@ -197,6 +200,8 @@ class PoolSegment:
 
     def __init__(self, seg: Segment):
         self.segment = seg
+        if seg.size < HEADER_BYTES:
+            raise CorruptionError(f"segment {seg.name} is {seg.size} bytes, too small for a kvbm pool header")
         self.header = seg.view(HEADER_DTYPE, 0, 1)[0]
         h = self.header
         if bytes(h["magic"]) != POOL_MAGIC:
@@ -228,7 +233,7 @@ class PoolSegment:
     def blocks_for(budget_bytes: int, block_bytes: int) -> int:
         """How many blocks a segment of at most `budget_bytes` holds."""
         per_block = round_up(block_bytes, PAGE) + RECORD_DTYPE.itemsize
-        n = max(0, (budget_bytes - HEADER_BYTES - PAGE) // per_block)
+        n = max(0, (budget_bytes - HEADER_BYTES) // per_block)
         while n and PoolSegment.size_for(n, block_bytes) > budget_bytes:
             n -= 1
         return n
@@ -269,8 +274,8 @@ class PoolSegment:
             raise
 
     @classmethod
-    def attach(cls, name: str, writable: bool = True) -> "PoolSegment":
-        seg = Segment.attach(name, writable)
+    def attach(cls, name: str, writable: bool = True, populate: bool = True) -> "PoolSegment":
+        seg = Segment.attach(name, writable, populate)
         try:
             return cls(seg)
         except BaseException:

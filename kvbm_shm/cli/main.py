@@ -6,9 +6,9 @@ import argparse
 import sys
 
 from ..errors import KvbmError
-from . import serve
+from . import events, gc, inspect, ls, serve, top
 
-SUBCOMMANDS = (serve,)
+SUBCOMMANDS = (serve, ls, inspect, top, events, gc)
 
 
 def build_parser() -> argparse.ArgumentParser:

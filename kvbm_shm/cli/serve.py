@@ -28,6 +28,7 @@ def add_parser(sub) -> None:
     p.add_argument("--disk-write-through", action="store_true", default=None,
                    help="write every stored block to disk at once (default: write-back with admission)")
     p.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 0: off)")
+    p.add_argument("--transfer-workers", type=int, help="G1<->G2 transfer worker processes (default 1)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.set_defaults(run=run)
 
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in ("instance", "cpu_cache_gb", "runtime_dir", "lease_ms",
                                                "disk_cache_gb", "disk_dir", "metrics_port", "log_level",
-                                               "disk_io_workers", "disk_write_through")}
+                                               "transfer_workers", "disk_io_workers", "disk_write_through")}
     config = ServiceConfig.load(args.config, overrides=overrides)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -2,6 +2,7 @@
 
 - `pool`: one G2 pool's block state (free list, registry, pins, inactive set, eviction).
 - `leases`: client leases; what each client pins and is writing.
+- `devices`: the device tier (G1): registered engine tensors, offload/onboard transfers, waits.
 - `coordinator`: request handlers over pools and leases; no sockets, no threads of its own.
 - `supervisor`: worker processes of one kind (disk I/O, transfers): start, feed, restart.
 - `server`: the ZeroMQ loop, runtime directory, events and signals around a `Coordinator`.

@@ -8,7 +8,7 @@ pool or block, a block it does not own or has not pinned, malformed values) beco
 whole before any of it is applied.
 
 `sweep()` ends leases that expired or whose process died, dropping their pins and freeing their
-unfinished blocks. `take_events()` swaps out the KV events produced since the last call.
+unfinished blocks. `take_events()` hands over the KV events produced since the last call.
 `recover()` adopts the pools a dead coordinator of the same instance left in /dev/shm.
 `open_disk_tier()` turns on G3 (`disk_tier`): then a Lookup that continues on disk is a
 `Deferred` answered once the blocks are staged into G2 and verified.
@@ -33,6 +33,7 @@ from ..errors import CapacityError, ErrorCode, KvbmError, RequestError
 from ..hashing import HASH_BYTES
 from ..layout import Namespace
 from ..shm import PoolSegment, list_segments, unlink
+from .devices import DeviceTier
 from .disk_tier import DiskTier, Fetch
 from .leases import Lease, LeaseTable
 from .pool import BlockPool
@@ -74,6 +75,8 @@ class Coordinator:
             p.Free: self._free, p.Touch: self._touch, p.Invalidate: self._invalidate,
             p.Heartbeat: self._heartbeat, p.Goodbye: self._goodbye, p.Stats: self._stats,
         }
+        self.devices = DeviceTier(self)
+        self._handlers.update(self.devices.handlers())
 
     # ------------------------------------------------------------ entry points
 
@@ -104,19 +107,23 @@ class Coordinator:
                      lease.client_id, lease.name, lease.pid, lease.num_pins(), lease.num_pending())
             self._end_lease(lease)
             self.counters["expired_leases"] += 1
+        self.devices.sweep(time.monotonic() if now is None else now)
         if self.disk is not None:
             self.disk.sweep(time.monotonic() if now is None else now)
         return ended
 
     def open_disk_tier(self) -> DiskTier:
         """Turn on G3 (before `recover`, so that recovered pools get their files)."""
-        self.disk = DiskTier(self.config, self.workers, self._events.append)
+        self.disk = DiskTier(self.config, self.workers, self._emit)
         return self.disk
 
     @property
     def used_bytes(self) -> int:
         """Bytes of /dev/shm held by this coordinator's pools."""
         return sum(self._pool_bytes.values())
+
+    def _emit(self, event: p.Event) -> None:
+        self._events.append(event)
 
     def take_events(self) -> list[p.Event]:
         events, self._events = self._events, []
@@ -343,6 +350,7 @@ class Coordinator:
                 self.pools[pool_id].free(sorted(pending))
         lease.pins.clear()
         lease.pending.clear()
+        self.devices.end_lease(lease)
 
     def _start_pool(self, ns: Namespace, cache_bytes: int) -> concurrent.futures.Future:
         budget = self.config.cpu_cache_bytes
@@ -382,7 +390,7 @@ class Coordinator:
         return self._pool_reply(req, self._by_fingerprint[fp])
 
     def _add_pool(self, pool_id: int, seg: PoolSegment, ns: Namespace) -> BlockPool:
-        pool = BlockPool(pool_id, seg, ns.model, self._events.append)
+        pool = BlockPool(pool_id, seg, ns.model, self._emit)
         self.pools[pool_id] = pool
         self._pool_bytes[pool_id] = seg.segment.size
         self._reserved_bytes += seg.segment.size

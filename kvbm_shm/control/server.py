@@ -27,6 +27,8 @@ from ..errors import CapacityError, ErrorCode, KvbmError
 from ..shm import shm_free_bytes
 from . import disk_tier
 from .coordinator import Coordinator, Deferred
+from .devices import WORKER_KIND as TRANSFER_WORKERS
+from .metrics import Metrics
 from .supervisor import WorkerGroup
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class Server:
         self._lock_fd = runtime.claim(self.dir)
         self.endpoint = runtime.endpoint(self.dir, runtime.CONTROL_SOCKET)
         self.events_endpoint = runtime.endpoint(self.dir, runtime.EVENTS_SOCKET)
+        self.metrics: Metrics | None = None  # only with config.metrics_port
         self._stop = threading.Event()
         self._deferred: list[tuple[bytes, Deferred]] = []
         self._event_seq = 0
@@ -50,6 +53,9 @@ class Server:
         self.workers: dict[str, WorkerGroup] = {}  # worker processes by kind, for the tiers that use them
         self.coordinator = Coordinator(config, self.events_endpoint, self.workers)
         try:
+            if config.transfer_workers:
+                self.workers[TRANSFER_WORKERS] = WorkerGroup(
+                    TRANSFER_WORKERS, "kvbm_shm.workers.transfer", config.transfer_workers, self.dir, self.ctx)
             if config.disk_cache_gb > 0:
                 disk = self.coordinator.open_disk_tier()
                 self.workers[disk_tier.WORKER_KIND] = WorkerGroup(
@@ -64,6 +70,8 @@ class Server:
             self.router.setsockopt(zmq.SNDHWM, 0)
             self.router.bind(self.endpoint)
             self.pub.bind(self.events_endpoint)
+            if config.metrics_port:
+                self.metrics = Metrics.start(self.coordinator, config.metrics_port)
             runtime.write_info(self.dir, runtime.RuntimeInfo(
                 config.instance, self.coordinator.instance_id, os.getpid(), p.PROTOCOL_VERSION,
                 self.endpoint, self.events_endpoint, time.time(), config.metrics_port))
@@ -135,11 +143,15 @@ class Server:
             msg = p.decode_request(frames)
         except KvbmError as e:
             return self.coordinator.error_reply(p.request_id(frames[1]) if len(frames) > 1 else 0, e)
+        started = time.perf_counter() if self.metrics is not None else 0.0
         try:
-            return self.coordinator.handle(msg)
+            reply = self.coordinator.handle(msg)
         except Exception as e:  # a bug must not take the node's cache down: answer and go on
             log.exception("request %r failed", type(msg).__name__)
-            return self.coordinator.error_reply(msg.req, KvbmError(f"internal error: {e}", ErrorCode.INTERNAL))
+            reply = self.coordinator.error_reply(msg.req, KvbmError(f"internal error: {e}", ErrorCode.INTERNAL))
+        if self.metrics is not None:
+            self.metrics.observe_request(msg, reply, started)
+        return reply
 
     def _complete_deferred(self) -> None:
         waiting = []
@@ -168,6 +180,8 @@ class Server:
         """Unlink every segment and remove the runtime files (clean shutdown)."""
         for identity, d in self._deferred:
             d.future.cancel()
+        if self.metrics is not None:
+            self.metrics.close()
         for group in self.workers.values():
             group.close()
         self.coordinator.close()

@@ -6,6 +6,9 @@ Runs in the coordinator process, on its loop thread:
 
 - `submit(job) -> Future`: the job goes to the ready worker with the fewest jobs in flight (or
   waits in a queue until one is ready). The future resolves to the worker's `JobDone`.
+- `broadcast(make_job) -> [Future]`: one job to every ready worker at once (to drop what the
+  workers cached, e.g. an unregistered device's handles); a worker that is not ready yet has
+  nothing cached and gets none.
 - `on_readable()`: the server calls it when `socket` is readable; it resolves futures.
 - `check()`: the server calls it periodically. A worker that exited fails all its in-flight
   jobs with `WORKER_FAILED` (the caller must treat their blocks as not written) and is
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import msgspec
 import zmq
@@ -65,6 +69,21 @@ class WorkerGroup:
         self._queue.append((job, fut))
         self._dispatch()
         return fut
+
+    def broadcast(self, make_job: Callable[[], p._Job]) -> list[concurrent.futures.Future]:
+        futures = []
+        for name in sorted(self._ready):
+            job = make_job()
+            job.job_id = next(self._job_ids)
+            try:
+                self.socket.send_multipart([name.encode(), *p.encode(job)], zmq.NOBLOCK)
+            except zmq.ZMQError:  # gone: check() will restart it, with nothing cached
+                self._ready.discard(name)
+                continue
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            self._in_flight[name][job.job_id] = fut
+            futures.append(fut)
+        return futures
 
     def on_readable(self) -> None:
         while True:

@@ -47,7 +47,7 @@ class _Segments:
         if seg is None or seg.segment_id != segment_id:
             if seg is not None:
                 seg.close()
-            seg = self._by_name[name] = PoolSegment.attach(name)
+            seg = self._by_name[name] = PoolSegment.attach(name, populate=False)  # only moved blocks get faulted in
             if seg.segment_id != segment_id:
                 raise FileNotFoundError(errno.ENOENT, f"segment {name} is not the one the job names")
         return seg
@@ -143,7 +143,7 @@ class DiskIo:
                             errnos.count(e), errno.errorcode.get(e, e), job.slots[i], why)
             kinds = sorted(errno.errorcode.get(e, str(e)) for e in first)
             error = f"{len(failed)} of {n} blocks failed ({', '.join(kinds)})"
-        return p.JobDone(job.job_id, not failed, error, failed, (n - len(failed)) * seg.block_bytes, errnos)
+        return p.JobDone(job.job_id, not failed, error, failed, (n - len(failed)) * seg.block_bytes, errnos=errnos)
 
     def _header_pages(self, n: int) -> mmap.mmap:
         """Page-aligned room for n slot headers (O_DIRECT needs aligned buffers), reused across

@@ -1,0 +1,61 @@
+"""`kvbm-shm ls`: every kvbm shm segment on the node and every instance, whose they are.
+
+One row per `/dev/shm/kvbm-*` segment: instance, kind, model, size, blocks, owner pid, whether
+the owner lives, and the pids that map it; orphans (no live coordinator of their instance) are
+marked. Then one row per instance (segments and runtime directories under `--runtime-dir`).
+Read-only: it takes no lock and works whatever state the coordinators are in.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..observe import node
+from . import common
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("ls", help="list kvbm shared-memory segments and instances on this node")
+    common.add_node_args(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    view = node.scan(common.runtime_root(args))
+    if args.json:
+        common.print_json(view)
+        return 0
+    if not view.segments and not view.instances:
+        print("no kvbm segments or instances on this node")
+        return 0
+    rows = [[s.name, s.instance or "?", s.kind, _short(s.model or "-"), common.human_bytes(s.size_bytes),
+             s.num_blocks if s.num_blocks is not None else "-", s.owner_pid or "-", _status(s),
+             ",".join(map(str, s.mapped_by)) or "-"] for s in view.segments]
+    if rows:
+        print(common.table(["SEGMENT", "INSTANCE", "KIND", "MODEL", "SIZE", "BLOCKS", "OWNER", "STATUS", "MAPPED BY"],
+                           rows))
+    for s in view.segments:
+        if s.error:
+            print(f"  {s.error}")
+    if view.instances:
+        print()
+        print(common.table(["INSTANCE", "COORDINATOR", "STATE", "SEGMENTS", "SHM", "RUNTIME DIR"], [
+            [i.instance, i.pid or "-", "running" if i.alive else "dead", i.segments,
+             common.human_bytes(i.segment_bytes), i.runtime_dir or "-"] for i in view.instances]))
+    orphans = [s for s in view.segments if s.orphan]
+    if orphans:
+        print(f"\n{len(orphans)} orphaned segment(s), "
+              f"{common.human_bytes(sum(s.size_bytes for s in orphans))}: `kvbm-shm gc` removes them")
+    return 0
+
+
+def _status(s: node.SegmentInfo) -> str:
+    if s.orphan:
+        return "ORPHAN"
+    if s.orphan is None:
+        return "unknown"
+    return "alive" if s.owner_alive else "instance live"
+
+
+def _short(text: str, width: int = 32) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"

@@ -1,0 +1,159 @@
+"""Benchmark: the coordinator's control plane against raw ZeroMQ on the same machine.
+
+Lookup of 64-block batches and allocate+commit of 64-block batches, from 1, 2 and 4 client
+processes, each client sending one request at a time (a round trip per call, as an engine does).
+In the same run, a raw pyzmq DEALER/ROUTER echo server answers messages of exactly the same sizes
+(the encoded Lookup request and its reply) from the same number of clients: that echo is the
+limit for a Python service over ipc://. Reports p50/p99 round trip and blocks per second.
+
+    ratio_vs_limit = coordinator lookup p50 / raw echo p50 (1 client); target <= 1.5
+    lookup_blocks_per_s = looked-up blocks per second, all clients (best client count); target >= 300,000
+
+    python tools/bench_control.py [--seconds 3] [--clients 1 2 4] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import time
+
+import benchlib  # noqa: F401  (puts the repo on sys.path)
+import zmq
+
+from kvbm_shm import Client, EngineLayout, KvLayout, Namespace, protocol as p
+from kvbm_shm.hashing import sequence_hashes
+from kvbm_shm.layout import TensorSpec
+
+BATCH = 64
+PAGE = 16
+NAMESPACE = Namespace("bench-control", KvLayout(1, 2, PAGE, 64, "float16"),
+                      EngineLayout((TensorSpec((2, PAGE, 64), 1, "float16"),)))
+
+
+def _hashes(seed: int, n: int = BATCH) -> list[bytes]:
+    return sequence_hashes(list(range(seed, seed + n * PAGE)), PAGE)
+
+
+def _until(start_at: float) -> None:
+    time.sleep(max(0.0, start_at - time.time()))
+
+
+def coordinator_client(instance, runtime_dir, op: str, seconds: float, start_at: float, seed: int):
+    client = Client(instance=instance, runtime_dir=runtime_dir, name=f"bench-{seed}")
+    pool = client.register_layout(NAMESPACE)
+    stored = _hashes(0)
+    lat = []
+    n = 0
+    _until(start_at)
+    end = time.time() + seconds
+    while time.time() < end:
+        t0 = time.perf_counter_ns()
+        if op == "lookup":
+            hits = client.lookup(pool, stored)
+            assert len(hits) == BATCH
+        else:
+            fresh = _hashes(10_000_000 * (seed + 1) + n * BATCH * PAGE)
+            ids = client.request(p.Allocate(0, client.client_id, pool.pool_id, fresh)).block_ids
+            client.request(p.Commit(0, client.client_id, pool.pool_id, ids, [0] * len(ids)))
+        lat.append(time.perf_counter_ns() - t0)
+        n += 1
+    client.close()
+    return lat
+
+
+def echo_server(endpoint: str, reply_frames: list[bytes], ready) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    s.bind(endpoint)
+    ready.set()
+    while True:
+        frames = s.recv_multipart()
+        if frames[1] == b"stop":
+            break
+        s.send_multipart([frames[0], *reply_frames])
+    s.close(0)
+    ctx.term()
+
+
+def echo_client(endpoint: str, request_frames: list[bytes], seconds: float, start_at: float, seed: int):
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.connect(endpoint)
+    lat = []
+    _until(start_at)
+    end = time.time() + seconds
+    while time.time() < end:
+        t0 = time.perf_counter_ns()
+        s.send_multipart(request_frames)
+        s.recv_multipart()
+        lat.append(time.perf_counter_ns() - t0)
+    s.close(0)
+    ctx.term()
+    return lat
+
+
+def run_clients(pool, fn, args_of, clients: int, seconds: float) -> list[list[int]]:
+    start_at = time.time() + 1.0
+    jobs = [pool.apply_async(fn, (*args_of(i), seconds, start_at, i)) for i in range(clients)]
+    return [j.get(timeout=seconds + 120) for j in jobs]
+
+
+def summarize(kind: str, clients: int, lats: list[list[int]], seconds: float) -> dict:
+    flat = [x for lat in lats for x in lat]
+    return {"path": kind, "clients": clients, "p50_us": benchlib.percentile_us(flat, 50),
+            "p99_us": benchlib.percentile_us(flat, 99),
+            "blocks_per_s": int(len(flat) * BATCH / seconds)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    ctx = mp.get_context("spawn")
+    rows = []
+    with ctx.Pool(max(args.clients)) as workers, benchlib.coordinator(0.25) as (instance, runtime_dir):
+        with Client(instance=instance, runtime_dir=runtime_dir) as c:
+            pool = c.register_layout(NAMESPACE)
+            ids = c.request(p.Allocate(0, c.client_id, pool.pool_id, _hashes(0))).block_ids
+            c.request(p.Commit(0, c.client_id, pool.pool_id, ids, [0] * len(ids)))
+        for n in args.clients:
+            for op in ("lookup", "allocate+commit"):
+                lats = run_clients(workers, coordinator_client, lambda i: (instance, runtime_dir, op),
+                                   n, args.seconds)
+                rows.append(summarize(f"coordinator {op}", n, lats, args.seconds))
+        endpoint = f"ipc://{runtime_dir}/echo.sock"
+        request = p.encode(p.Lookup(1, 1, 0, _hashes(0), False))
+        reply = p.encode(p.LookupReply(1, list(range(1000, 1000 + BATCH)), [p.Tier.CPU] * BATCH))
+        ready = ctx.Manager().Event()
+        server = ctx.Process(target=echo_server, args=(endpoint, reply, ready), daemon=True)
+        server.start()
+        ready.wait(30)
+        for n in args.clients:
+            lats = run_clients(workers, echo_client, lambda i: (endpoint, request), n, args.seconds)
+            rows.append(summarize("raw zmq echo (same sizes)", n, lats, args.seconds))
+        stop = zmq.Context.instance().socket(zmq.DEALER)
+        stop.connect(endpoint)
+        stop.send_multipart([b"stop"])
+        server.join(10)
+        stop.close(0)
+    lookup = {r["clients"]: r for r in rows if r["path"] == "coordinator lookup"}
+    echo = {r["clients"]: r for r in rows if r["path"].startswith("raw")}
+    base = min(args.clients)
+    summary = {
+        "ratio_vs_limit": round(lookup[base]["p50_us"] / echo[base]["p50_us"], 2),
+        "ratio_by_clients": {n: round(lookup[n]["p50_us"] / echo[n]["p50_us"], 2) for n in args.clients},
+        "lookup_blocks_per_s": max(r["blocks_per_s"] for r in lookup.values()),
+        "targets": "ratio_vs_limit <= 1.5; lookup_blocks_per_s >= 300000",
+        "message_bytes": {"lookup_request": sum(map(len, request)), "lookup_reply": sum(map(len, reply))},
+    }
+    benchlib.report("bench_control: 64-block batches over ipc://", ["path", "clients", "p50_us", "p99_us",
+                    "blocks_per_s"], rows, summary, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
