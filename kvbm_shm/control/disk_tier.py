@@ -249,6 +249,7 @@ class DiskTier:
         fetch = Fetch(pool)
         fetch._pin(g2_ids + [b for where, _, b in prefix if where == "g2"])  # first: allocating must not evict them
         fetch._steps.extend((b, None, 0) for b in g2_ids)
+        staged = iter(pool.allocate([h for where, h, _ in prefix if where == "g3"], 0))  # one batch
         read = _Read(pool, index)
         for where, h, what in prefix:
             if where == "g2":
@@ -256,8 +257,9 @@ class DiskTier:
             elif where == "staging":
                 fetch._wait(*what)
             else:
-                got = pool.allocate([h], 0)[0]
+                got = next(staged)
                 if got < 0:  # no room in G2, or a client is storing it right now: the prefix ends
+                    pool.free([b for b in staged if b >= 0])
                     break
                 index.begin_read(what)
                 self._staging[(pool.pool_id, h)] = (read, len(read.blocks))
