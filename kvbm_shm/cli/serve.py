@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     def ready(server) -> None:
         print(f"kvbm-shm coordinator for instance {config.instance!r} (pid {os.getpid()})\n"
               f"  endpoint {server.endpoint}\n  events   {server.events_endpoint}\n"
-              f"  cpu cache {config.cpu_cache_gb:g} GiB; Ctrl-C stops", flush=True)
+              f"  cpu cache {config.cpu_cache_gb:g} GiB"
+              + (f"; disk cache {config.disk_cache_gb:g} GiB in {config.disk_dir}" if config.disk_cache_gb else "")
+              + "; Ctrl-C stops", flush=True)
 
     def status(stats) -> None:
         blocks = sum(p.num_blocks for p in stats.pools)

@@ -308,7 +308,7 @@ class DiskTier:
         if self._closed or group is None:
             return
         pool, index = attached.pool, attached.index
-        job_blocks = max(1, min(64, _JOB_BYTES // self._slot_bytes(index)))
+        job_blocks = max(1, min(64, _JOB_BYTES // index.file.slot_bytes))
         room = 2 * job_blocks * max(group.alive(), 1) - self._writes_in_flight
         if room <= 0:
             return
@@ -424,7 +424,7 @@ class DiskTier:
     def _submit_reads(self, read: _Read) -> None:
         group = self._workers[WORKER_KIND]
         pool, index = read.pool, read.index
-        job_blocks = max(1, min(64, _JOB_BYTES // self._slot_bytes(index)))
+        job_blocks = max(1, min(64, _JOB_BYTES // index.file.slot_bytes))
         read.jobs_left = -(-len(read.blocks) // job_blocks)
         for start in range(0, len(read.blocks), job_blocks):
             part = slice(start, start + job_blocks)
@@ -585,10 +585,6 @@ class DiskTier:
 
     def _used_bytes(self) -> int:
         return sum(index.file.size_bytes() for index in self._indexes.values())
-
-    @staticmethod
-    def _slot_bytes(index: G3Index) -> int:
-        return index.file.slot_bytes
 
     @staticmethod
     def _warn_if_sparse(f: g3.BlockFile, allocated: bool) -> None:
