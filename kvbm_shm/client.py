@@ -19,10 +19,11 @@ Contract:
   recreated) and retries the operation once.
 - `store` writes only blocks that are not cached yet, checksums each written block (xxh3-64),
   and commits; if the copy fails, the blocks are freed, never registered.
-- `load` pins the hit prefix, verifies each block's checksum before copying it, copies the
-  verified prefix, and releases the pins. A block that fails verification is reported in
-  `LoadResult.failed`, invalidated at the coordinator, and ends the loaded prefix: bytes that
-  cannot be vouched for are never copied into the engine.
+- `load` pins the hit prefix, copies it while summing the bytes (one pass), checks every
+  block's checksum against the block table, and releases the pins. The loaded prefix ends at
+  the first block that fails: it is reported in `LoadResult.failed` and invalidated at the
+  coordinator, and the device blocks from there on count as not loaded (the engine recomputes
+  them), whatever bytes they now hold.
 - Copies go through `kernels.cpu_copy` (host memory on both sides).
 """
 
@@ -44,7 +45,7 @@ import zmq.asyncio
 from . import protocol as p
 from . import runtime
 from .config import ClientConfig
-from .errors import CoordinatorUnavailable, CorruptionError, ErrorCode, KvbmError, LeaseError, error_from_code
+from .errors import CoordinatorUnavailable, ErrorCode, KvbmError, LeaseError, error_from_code
 from .kernels import cpu_copy
 from .layout import ChunkTable, Namespace
 from .shm import PoolSegment
@@ -212,32 +213,30 @@ class _Core:
         reply = yield request
         return reply
 
+    def _deadline_s(self, request: p._Request) -> float:
+        """Registering a layout may create and pre-fault a pool (about a second per GiB)."""
+        return self.config.setup_timeout_s if isinstance(request, p.RegisterLayout) else self.config.timeout_s
+
     @staticmethod
-    def _check(reply: p.Reply, req: int) -> p.Reply:
+    def _check(reply: p.Reply) -> p.Reply:
         if isinstance(reply, p.ErrorReply):
             raise error_from_code(reply.code, reply.message)
         return reply
 
 
 def _gather(kv: EngineKv, device_ids: list[int], g2_ids: list[int]) -> list[int]:
-    pool = kv.pool
-    cpu_copy.gather(kv.chunks, device_ids, pool.segment.block_addresses(g2_ids))
-    return [cpu_copy.checksum(pool.segment.block(b)) for b in g2_ids]
+    """Copy device blocks into G2 blocks; their checksums."""
+    return cpu_copy.gather(kv.chunks, device_ids, kv.pool.segment.block_addresses(g2_ids)).tolist()
 
 
 def _scatter(kv: EngineKv, device_ids: Sequence[int], g2_ids: list[int], verify: bool) -> int:
-    """Copy the verified prefix of `g2_ids`; returns its length."""
+    """Copy G2 blocks into device blocks; returns the length of the prefix whose bytes verified."""
     seg = kv.pool.segment
-    good = len(g2_ids)
-    if verify:
-        expected = seg.table["checksum"][np.asarray(g2_ids)]
-        for i, b in enumerate(g2_ids):
-            if cpu_copy.checksum(seg.block(b)) != int(expected[i]):
-                good = i
-                break
-    if good:
-        cpu_copy.scatter(kv.chunks, list(device_ids[:good]), seg.block_addresses(g2_ids[:good]))
-    return good
+    sums = cpu_copy.scatter(kv.chunks, list(device_ids), seg.block_addresses(g2_ids))
+    if not verify:
+        return len(g2_ids)
+    bad = np.flatnonzero(sums != seg.table["checksum"][np.asarray(g2_ids)])
+    return int(bad[0]) if len(bad) else len(g2_ids)
 
 
 class Client(_Core):
@@ -280,8 +279,9 @@ class Client(_Core):
         return self._drive(lambda: self._simple_step(p.Stats(0)))
 
     def request(self, request: p._Request) -> p.Reply:
-        """Send one raw protocol request (its `req` is replaced); returns the reply or raises."""
-        return self._drive(lambda: self._simple_step(request))
+        """Send one raw protocol request (its `req` is replaced); returns the reply or raises.
+        Not retried after a lost lease: the request names the old client id."""
+        return self._drive(lambda: self._simple_step(request), retry=False)
 
     def close(self) -> None:
         """Close the lease (pins dropped, unfinished blocks freed) and the sockets."""
@@ -307,15 +307,19 @@ class Client(_Core):
     # ------------------------------------------------------------ transport
 
     def _drive(self, make_steps: Callable[[], _Step], retry: bool = True):
-        with self._lock:
-            try:
-                return self._run(make_steps())
-            except LeaseError:
-                if not retry:
-                    raise
-                log.info("lease lost (coordinator restarted?): saying hello again")
-                self._run(self._hello_step())
-                return self._run(make_steps())
+        """Run an operation; the socket is locked per call, not across copies, so one thread's
+        load does not wait for another thread's store to finish copying."""
+        lease = self.client_id
+        try:
+            return self._run(make_steps())
+        except LeaseError:
+            if not retry:
+                raise
+            with self._lock:
+                if self.client_id == lease:  # no other thread has recovered the lease yet
+                    log.info("lease lost (coordinator restarted?): saying hello again")
+                    self._run(self._hello_step())
+            return self._run(make_steps())
 
     def _run(self, steps: _Step):
         value, error = None, None
@@ -331,20 +335,22 @@ class Client(_Core):
                 error = e
 
     def _call(self, request: p._Request, timeout_s: float | None = None) -> p.Reply:
-        request.req = next(self._req)
-        deadline = time.monotonic() + (timeout_s or self.config.timeout_s)
-        if not self._sock.poll(max(deadline - time.monotonic(), 0) * 1000, zmq.POLLOUT):
-            raise CoordinatorUnavailable(f"no coordinator is listening at {self.endpoint}")
-        self._sock.send_multipart(p.encode(request), zmq.NOBLOCK)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(left * 1000):
-                raise CoordinatorUnavailable(
-                    f"{type(request).__name__} got no reply within {timeout_s or self.config.timeout_s:.3g} s "
-                    f"from {self.endpoint}", ErrorCode.TIMEOUT)
-            reply = p.decode_reply(self._sock.recv_multipart())
-            if reply.req == request.req:
-                return self._check(reply, request.req)
+        timeout = timeout_s or self._deadline_s(request)
+        with self._lock:
+            request.req = next(self._req)
+            deadline = time.monotonic() + timeout
+            if not self._sock.poll(timeout * 1000, zmq.POLLOUT):
+                raise CoordinatorUnavailable(f"no coordinator is listening at {self.endpoint}")
+            self._sock.send_multipart(p.encode(request), zmq.NOBLOCK)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._sock.poll(left * 1000):
+                    raise CoordinatorUnavailable(
+                        f"{type(request).__name__} got no reply within {timeout:.3g} s from {self.endpoint}",
+                        ErrorCode.TIMEOUT)
+                reply = p.decode_reply(self._sock.recv_multipart())
+                if reply.req == request.req:
+                    return self._check(reply)
 
 
 class AsyncClient(_Core):
@@ -430,7 +436,7 @@ class AsyncClient(_Core):
 
     async def _call(self, request: p._Request, timeout_s: float | None = None) -> p.Reply:
         request.req = next(self._req)
-        timeout = timeout_s or self.config.timeout_s
+        timeout = timeout_s or self._deadline_s(request)
         deadline = time.monotonic() + timeout
         if not await self._sock.poll(timeout * 1000, zmq.POLLOUT):
             raise CoordinatorUnavailable(f"no coordinator is listening at {self.endpoint}")
@@ -443,7 +449,7 @@ class AsyncClient(_Core):
                     ErrorCode.TIMEOUT)
             reply = p.decode_reply(await self._sock.recv_multipart())
             if reply.req == request.req:
-                return self._check(reply, request.req)
+                return self._check(reply)
 
 
 class _Heartbeat(threading.Thread):

@@ -118,6 +118,7 @@ class ClientConfig:
     runtime_dir: Path = dataclasses.field(default_factory=default_runtime_root)
     endpoint: str = ""  # overrides the runtime file when set
     timeout_s: float = 5.0  # deadline of one request
+    setup_timeout_s: float = 120.0  # deadline of registering a layout (may create a pool)
     verify_checksums: bool = True  # check every loaded block against its stored checksum
 
     def __post_init__(self) -> None:

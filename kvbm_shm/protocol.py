@@ -464,9 +464,6 @@ def request_id(body: bytes) -> int:
 # Coordinator (ROUTER, one socket per worker kind) <-> worker processes (DEALER, identity = the
 # worker's name). A worker announces itself with `WorkerReady`, then receives jobs and answers
 # each with one `JobDone` naming its `job_id`. Frames are the same `[VERSION][body]` as above.
-# A worker runs until the process named by WORKER_PARENT_PID_ENV (its coordinator) is gone.
-
-WORKER_PARENT_PID_ENV = "KVBM_WORKER_PARENT_PID"
 
 
 class WorkerReady(msgspec.Struct, tag="ready", array_like=True):

@@ -67,8 +67,7 @@ RECORD_DTYPE = np.dtype([
 assert RECORD_DTYPE.itemsize == 64
 
 COUNTER_NAMES = ("lookups", "lookup_blocks", "hit_blocks", "stored_blocks", "dedup_blocks",
-                 "evicted_blocks", "no_room_blocks", "freed_blocks", "invalidated_blocks",
-                 "loaded_blocks", "expired_leases")
+                 "evicted_blocks", "no_room_blocks", "freed_blocks", "invalidated_blocks")
 
 HEADER_DTYPE = np.dtype([
     ("magic", "S8"),

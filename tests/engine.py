@@ -37,7 +37,8 @@ def block_bytes(kv: list[torch.Tensor], block_id: int) -> bytes:
 
 
 def connect(instance: str, runtime_dir, name: str = "engine", **kw) -> Client:
-    return Client(instance=instance, runtime_dir=runtime_dir, name=name, **kw)
+    """A test client; its deadline is generous because CI machines are small and shared."""
+    return Client(instance=instance, runtime_dir=runtime_dir, name=name, **{"timeout_s": 20.0, **kw})
 
 
 def store_prefix(instance, runtime_dir, num_blocks: int, seed: int, device_ids: list[int]):

@@ -36,10 +36,11 @@ def test_gather_scatter_roundtrip(name, tensors, axis):
     src_ids = [7, 2, 9, 3]
     pool = np.zeros((len(src_ids), table.block_bytes + 100), np.uint8)  # padded rows: strided blocks
     addrs = pool.ctypes.data + np.arange(len(src_ids), dtype=np.uint64) * np.uint64(pool.strides[0])
-    assert cpu_copy.gather(table, src_ids, addrs) == len(src_ids) * table.block_bytes
+    stored = cpu_copy.gather(table, src_ids, addrs)
+    assert stored.tolist() == [cpu_copy.checksum(row[:table.block_bytes]) for row in pool]
     dst = [torch.zeros_like(t) for t in tensors]
     dst_ids = [0, 1, 5, 11]
-    cpu_copy.scatter(layout.bind(dst), dst_ids, addrs)
+    assert cpu_copy.scatter(layout.bind(dst), dst_ids, addrs).tolist() == stored.tolist()
     for s, d in zip(tensors, dst):
         for i, j in zip(src_ids, dst_ids):
             assert torch.equal(s.select(axis, i), d.select(axis, j))
@@ -47,16 +48,31 @@ def test_gather_scatter_roundtrip(name, tensors, axis):
     assert all(d.select(axis, b).abs().sum() == 0 for d in dst for b in untouched)
 
 
-def test_contiguous_runs_are_merged():
+def test_contiguous_runs_are_merged_within_a_block():
     tensors = [torch.zeros(NB, 4, 8) for _ in range(2)]
     table = EngineLayout.of(tensors).bind(tensors)
-    dev, g2, size = cpu_copy.copy_plan(table, [0, 1, 2], [0, 10_000, 20_000])
-    assert len(size) == 6  # tensors differ, so nothing merges across them
-    one = [torch.zeros(NB, 4, 8)]
-    t1 = EngineLayout.of(one).bind(one)
-    bb = t1.block_bytes
-    dev, g2, size = cpu_copy.copy_plan(t1, [3, 4, 5, 9], [0, bb, 2 * bb, 5 * bb])
-    assert size.tolist() == [3 * bb, bb]
+    dev, g2, size, starts = cpu_copy.copy_plan(table, [0, 1, 2], [0, 10_000, 20_000])
+    assert len(size) == 6 and starts.tolist() == [0, 2, 4, 6]  # separate tensors never merge
+    outer = [torch.zeros(2, NB, 4, 8)]  # K and V of one block sit apart on the outer axis
+    t2 = EngineLayout.of(outer, 1).bind(outer)
+    assert cpu_copy.copy_plan(t2, [3], [0])[2].tolist() == [128, 128]
+    block_major = [torch.zeros(NB, 2, 4, 8)]  # one contiguous chunk per block
+    t1 = EngineLayout.of(block_major).bind(block_major)
+    dev, g2, size, starts = cpu_copy.copy_plan(t1, [3, 4], [0, t1.block_bytes])
+    assert size.tolist() == [256, 256] and starts.tolist() == [0, 1, 2]  # never across blocks
+
+
+def test_checksum_detects_changes_and_moves():
+    rng = np.random.default_rng(1)
+    block = rng.integers(0, 256, 8192, dtype=np.uint8)
+    base = cpu_copy.checksum(block)
+    assert base == cpu_copy._checksum_numpy(block)  # C and the reference agree
+    flipped = block.copy()
+    flipped[4000] ^= 1
+    swapped = block.copy()
+    swapped[0:16], swapped[16:32] = block[16:32], block[0:16]
+    sums = {base, cpu_copy.checksum(flipped), cpu_copy.checksum(swapped), cpu_copy.checksum(block[:-1])}
+    assert len(sums) == 4
 
 
 def test_layout_mismatch_is_refused():

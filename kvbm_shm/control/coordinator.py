@@ -139,6 +139,9 @@ class Coordinator:
                 log.warning("removing unusable segment %s: %s", name, e)
                 unlink(name)
                 continue
+            if bytes(seg.header["instance"]).decode(errors="replace") != self.config.instance:
+                seg.close()  # another instance whose name extends ours ("a" vs "a-pool-x")
+                continue
             try:
                 ns = msgspec.msgpack.decode(seg.namespace_bytes, type=Namespace)
                 pool_id = int(seg.header["pool_id"])
@@ -159,7 +162,7 @@ class Coordinator:
         return kept
 
     def close(self) -> None:
-        """Unlink every pool (clean shutdown)."""
+        """Unlink every pool (clean shutdown); each one's `PoolCleared` event is left to publish."""
         self._executor.shutdown(wait=True, cancel_futures=True)
         for fut in self._creating.values():
             if fut.done() and fut.exception() is None:
@@ -170,6 +173,7 @@ class Coordinator:
             name = pool.segment.name
             pool.segment.close()
             unlink(name)
+            self._emit(p.PoolCleared(pool.pool_id, pool.fingerprint))
         self.pools.clear()
         if self.disk is not None:
             self.disk.close()

@@ -24,7 +24,7 @@ Metrics (all prefixed `kvbm_`; per pool they carry `pool` and `model` labels):
 - counters from the pools' shared counters: `lookups_total`, `lookup_blocks_total`,
   `hit_blocks_total{tier}`, `hit_tokens_total{tier}` (hit blocks x tokens per block),
   `stored_blocks_total`, `dedup_blocks_total`, `evicted_blocks_total`, `no_room_blocks_total`,
-  `freed_blocks_total`, `invalidated_blocks_total`, `loaded_blocks_total`, and
+  `freed_blocks_total`, `invalidated_blocks_total`, and
   `<name>_total` for any counter a newer pool format adds (write-backs, ...).
 - coordinator counters: `requests_total`, `errors_total{code}`, `expired_leases_total`.
 - `request_seconds{op}` (histogram), `transfer_bytes_total{path}`, `transfer_seconds{path}` (histogram).
@@ -67,8 +67,6 @@ _POOL_COUNTERS: dict[str, tuple[str, str] | None] = {
     "no_room_blocks": ("kvbm_no_room_blocks", "Blocks refused because nothing could be evicted"),
     "freed_blocks": ("kvbm_freed_blocks", "Partial blocks aborted by their writer or its ended lease"),
     "invalidated_blocks": ("kvbm_invalidated_blocks", "Blocks dropped because their bytes failed verification"),
-    "loaded_blocks": ("kvbm_loaded_blocks", "Blocks loaded out of the pool"),
-    "expired_leases": None,  # the coordinator counts these, not the pools
 }
 _STATES = {BlockState.RESET: "free", BlockState.PARTIAL: "partial", BlockState.COMPLETE: "complete",
            BlockState.REGISTERED: "registered"}

@@ -185,8 +185,9 @@ class Server:
         for group in self.workers.values():
             group.close()
         self.coordinator.close()
+        self._publish_events()  # the pools' PoolCleared: subscribers drop what they knew
         self.router.close(0)
-        self.pub.close(0)
+        self.pub.close(200)  # let the last batch go out
         self.ctx.term()
         runtime.remove(self.dir)
         os.close(self._lock_fd)

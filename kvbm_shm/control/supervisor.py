@@ -1,6 +1,7 @@
 """Worker processes of one kind, started, fed and restarted by the coordinator.
 
-A `WorkerGroup` runs `count` processes of `python -m <module> --endpoint E --name N [args]`
+A `WorkerGroup` runs `count` processes of
+`python -m <module> --endpoint E --name N --coordinator-pid P [args]`
 (the worker side is `workers.base.serve_jobs`) and talks to them over one ROUTER socket.
 Runs in the coordinator process, on its loop thread:
 
@@ -151,9 +152,9 @@ class WorkerGroup:
         self.socket.close(0)
 
     def _spawn(self, name: str) -> None:
-        cmd = [sys.executable, "-m", self._module, "--endpoint", self.endpoint, "--name", name, *self._args]
-        env = {**os.environ, p.WORKER_PARENT_PID_ENV: str(os.getpid())}  # the worker exits when this process is gone
-        self._procs[name] = subprocess.Popen(cmd, env=env)
+        cmd = [sys.executable, "-m", self._module, "--endpoint", self.endpoint, "--name", name,
+               "--coordinator-pid", str(os.getpid()), *self._args]
+        self._procs[name] = subprocess.Popen(cmd)
 
     def _dispatch(self) -> None:
         while self._queue and self._ready:

@@ -1,13 +1,23 @@
-"""Host-memory copy engine: gather/scatter of block chunks at memcpy speed, and block checksums.
+"""Host-memory copy engine: gather/scatter of block chunks at memory speed, with block checksums.
 
 Runs in whichever process moves the bytes (an engine through the client library, or a transfer
-worker). Addresses are computed in numpy; runs of chunks that are contiguous on both sides are
-merged into one copy; the whole batch is then one call into `_batch_copy` (C, no GIL), which
-streams copies of 4 KiB and more past the cache with non-temporal stores: a KV block's
-destination is not read again soon, and skipping the read-for-ownership of every destination
-line is what lets chunked copies approach one large memcpy (glibc's memmove streams only above
-~3/4 of the L3 size). Without the compiled extension the batch falls back to a loop of
-`ctypes.memmove`, about half as fast, and a warning says so once.
+worker). Primitives:
+
+- `gather(table, device_block_ids, g2_addrs) -> checksums`: copy device blocks into contiguous G2
+  blocks (store/offload) and return each block's checksum.
+- `scatter(table, device_block_ids, g2_addrs) -> checksums`: copy G2 blocks into device blocks
+  (load/onboard) and return the checksum of the bytes copied, for the caller to verify.
+- `checksum(buffer)`: the block checksum of a contiguous G2 block (defined in `_batch_copy.c`:
+  a two-lane Fletcher-style sum over 16-byte words, finalised with murmur3's mixer).
+- `copy_batch(dst, src, size)`: raw batched copy.
+
+Addresses are computed in numpy and each batch is one GIL-free call into `_batch_copy` (C), which
+streams stores past the cache (a KV block's destination is not read again soon; skipping the
+read-for-ownership of every destination line is what lets 64 KiB chunk copies approach one
+large memcpy) and sums each block's words while they are in registers, so checksums cost no
+extra pass over memory. Chunks that are contiguous on both sides are merged within a block.
+Without the compiled extension (no C compiler at install) the same results come from a loop of
+`ctypes.memmove` and numpy, about half as fast; a warning says so once.
 No per-token Python, no `index_copy_` (10x slower than per-block copies, see FACTS.md).
 """
 
@@ -17,68 +27,116 @@ import ctypes
 import logging
 
 import numpy as np
-import xxhash
 
 from ..layout import ChunkTable
 
 log = logging.getLogger(__name__)
 
 try:
-    from ._batch_copy import copy_batch as _copy_batch
+    from . import _batch_copy as _c
 except ImportError:  # built without a C compiler: correct, slower
-    _copy_batch = None
+    _c = None
+
+_M64 = (1 << 64) - 1
+
+
+def copy_plan(table: ChunkTable, device_block_ids, g2_block_addrs):
+    """Copies of a batch: (device addresses, G2 addresses, sizes, block_starts).
+
+    Copies run block by block, chunk by chunk in G2 order within a block; chunks contiguous on
+    both sides are merged, never across blocks. Block k is copies block_starts[k]..[k+1]-1.
+    """
+    n, k = len(g2_block_addrs), len(table.chunk_bytes)
+    dev = table.device_addresses(device_block_ids).T  # (n, k)
+    g2 = np.asarray(g2_block_addrs, np.uint64)[:, None] + table.dst_offset[None, :]
+    size = np.broadcast_to(table.chunk_bytes, (n, k))
+    keep = np.ones((n, k), bool)
+    if k > 1:
+        keep[:, 1:] = (dev[:, 1:] != dev[:, :-1] + size[:, :-1]) | (g2[:, 1:] != g2[:, :-1] + size[:, :-1])
+    flat_keep = keep.ravel()
+    starts = np.flatnonzero(flat_keep)
+    sizes = np.add.reduceat(size.ravel(), starts) if len(starts) else np.zeros(0, np.uint64)
+    block_starts = np.concatenate(([0], np.cumsum(keep.sum(axis=1)))).astype(np.uint64)
+    return dev.ravel()[starts], g2.ravel()[starts], sizes.astype(np.uint64), block_starts
+
+
+def gather(table: ChunkTable, device_block_ids, g2_block_addrs) -> np.ndarray:
+    """Copy device blocks into G2 blocks (same order); returns their checksums (uint64)."""
+    _check(table, device_block_ids, g2_block_addrs)
+    dev, g2, size, starts = copy_plan(table, device_block_ids, g2_block_addrs)
+    return _copy_and_sum(g2, dev, size, starts, g2_block_addrs, table.block_bytes)
+
+
+def scatter(table: ChunkTable, device_block_ids, g2_block_addrs) -> np.ndarray:
+    """Copy G2 blocks into device blocks (same order); returns the checksums of the copied bytes."""
+    _check(table, device_block_ids, g2_block_addrs)
+    dev, g2, size, starts = copy_plan(table, device_block_ids, g2_block_addrs)
+    return _copy_and_sum(dev, g2, size, starts, g2_block_addrs, table.block_bytes)
+
+
+def checksum(block) -> int:
+    """Block checksum of a contiguous buffer (a G2 block, or the same bytes anywhere else)."""
+    if _c is not None:
+        return _c.checksum(block)
+    return _checksum_numpy(np.frombuffer(block, np.uint8))
 
 
 def copy_batch(dst: np.ndarray, src: np.ndarray, size: np.ndarray) -> None:
     """Copy `size[i]` bytes from address `src[i]` to `dst[i]` for every i (uint64 arrays)."""
-    if _copy_batch is not None:
-        _copy_batch(np.ascontiguousarray(dst, np.uint64), np.ascontiguousarray(src, np.uint64),
-                    np.ascontiguousarray(size, np.uint64))
+    if _c is not None:
+        _c.copy_batch(_u64(dst), _u64(src), _u64(size))
         return
-    if not copy_batch.warned:
-        log.warning("kvbm_shm.kernels._batch_copy is not built: host copies run through ctypes.memmove")
-        copy_batch.warned = True
+    _warn_slow()
     for d, s, n in zip(dst.tolist(), src.tolist(), size.tolist()):
         ctypes.memmove(d, s, n)
 
 
-copy_batch.warned = False
+def _copy_and_sum(dst, src, size, starts, g2_block_addrs, block_bytes: int) -> np.ndarray:
+    sums = np.zeros(len(starts) - 1, np.uint64)
+    if _c is not None and not np.any(size % 16):
+        _c.copy_sum_batch(_u64(dst), _u64(src), _u64(size), _u64(starts), sums)
+        return sums
+    copy_batch(dst, src, size)
+    for i, addr in enumerate(np.asarray(g2_block_addrs, np.uint64).tolist()):
+        sums[i] = checksum((ctypes.c_char * block_bytes).from_address(addr))
+    return sums
 
 
-def copy_plan(table: ChunkTable, device_block_ids, g2_block_addrs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(device addresses, G2 addresses, sizes) of every chunk, merged where contiguous both sides.
-
-    Chunks are ordered block by block, chunk by chunk within a block.
-    """
-    dev = table.device_addresses(device_block_ids).T.ravel()  # block-major
-    g2 = (np.asarray(g2_block_addrs, np.uint64)[:, None] + table.dst_offset[None, :]).ravel()
-    size = np.broadcast_to(table.chunk_bytes, (len(g2_block_addrs), len(table.chunk_bytes))).ravel()
-    if len(size) <= 1:
-        return dev, g2, np.array(size)
-    end_dev, end_g2 = dev[:-1] + size[:-1], g2[:-1] + size[:-1]
-    starts = np.flatnonzero(np.concatenate(([True], (dev[1:] != end_dev) | (g2[1:] != end_g2))))
-    return dev[starts], g2[starts], np.add.reduceat(size, starts)
-
-
-def gather(table: ChunkTable, device_block_ids, g2_block_addrs) -> int:
-    """Copy device blocks into G2 blocks (same order). Returns bytes copied."""
-    _check(table, device_block_ids, g2_block_addrs)
-    dev, g2, size = copy_plan(table, device_block_ids, g2_block_addrs)
-    copy_batch(g2, dev, size)
-    return int(size.sum())
+def _checksum_numpy(data: np.ndarray) -> int:
+    """The same function as `_batch_copy.checksum`, in numpy (wrapping uint64 arithmetic)."""
+    n = len(data)
+    padded = np.zeros((n + 15) // 16 * 16, np.uint8)
+    padded[:n] = data
+    words = padded.view("<u8").reshape(-1, 2)
+    weights = np.arange(len(words), 0, -1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        a = words.sum(axis=0, dtype=np.uint64)
+        b = (words * weights[:, None]).sum(axis=0, dtype=np.uint64)
+    h = _fmix64(n ^ 0x9E3779B97F4A7C15)
+    for lane in (a[0], a[1], b[0], b[1]):
+        h = _fmix64(h ^ int(lane))
+    return h
 
 
-def scatter(table: ChunkTable, device_block_ids, g2_block_addrs) -> int:
-    """Copy G2 blocks into device blocks (same order). Returns bytes copied."""
-    _check(table, device_block_ids, g2_block_addrs)
-    dev, g2, size = copy_plan(table, device_block_ids, g2_block_addrs)
-    copy_batch(dev, g2, size)
-    return int(size.sum())
+def _fmix64(k: int) -> int:
+    k ^= k >> 33
+    k = (k * 0xFF51AFD7ED558CCD) & _M64
+    k ^= k >> 33
+    k = (k * 0xC4CEB9FE1A85EC53) & _M64
+    return k ^ (k >> 33)
 
 
-def checksum(block: memoryview | np.ndarray) -> int:
-    """xxh3-64 of a block's bytes: what the block table records and loaders verify."""
-    return xxhash.xxh3_64_intdigest(block)
+def _u64(a) -> np.ndarray:
+    return np.ascontiguousarray(a, np.uint64)
+
+
+def _warn_slow() -> None:
+    if not _warn_slow.done:
+        log.warning("kvbm_shm.kernels._batch_copy is not built: host copies run through ctypes.memmove")
+        _warn_slow.done = True
+
+
+_warn_slow.done = False
 
 
 def _check(table: ChunkTable, device_block_ids, g2_block_addrs) -> None:

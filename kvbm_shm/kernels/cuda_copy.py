@@ -161,13 +161,13 @@ class CudaCopyEngine:
 
     def gather(self, table: ChunkTable, device_block_ids, g2_block_addrs, path: str | None = None) -> int:
         """Device blocks -> G2 blocks (same order). Returns bytes copied, once they are there."""
-        dev, host, size = cpu_copy.copy_plan(table, device_block_ids, g2_block_addrs)
+        dev, host, size, _ = cpu_copy.copy_plan(table, device_block_ids, g2_block_addrs)
         self.copy(True, dev, host, size, path)
         return int(size.sum())
 
     def scatter(self, table: ChunkTable, device_block_ids, g2_block_addrs, path: str | None = None) -> int:
         """G2 blocks -> device blocks (same order). Returns bytes copied, once they are there."""
-        dev, host, size = cpu_copy.copy_plan(table, device_block_ids, g2_block_addrs)
+        dev, host, size, _ = cpu_copy.copy_plan(table, device_block_ids, g2_block_addrs)
         self.copy(False, dev, host, size, path)
         return int(size.sum())
 

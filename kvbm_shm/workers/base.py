@@ -1,12 +1,14 @@
 """The worker side of the job protocol: connect, announce, run jobs one by one, answer each.
 
-`serve_jobs(endpoint, name, job_type, handle)` connects a DEALER (identity `name`) to the
-coordinator's worker socket, sends `WorkerReady`, then for each job calls `handle(job)` and
-sends back its `JobDone`. An exception in `handle` becomes `JobDone(ok=False, error=...)`: the
-worker keeps serving. The loop ends when the coordinator (the parent process) goes away or on
-SIGTERM; a send that cannot reach the coordinator within a second also ends it (a DEALER whose
-peer died would block forever). `worker_main` is the common command line: `--endpoint E --name N`
-plus extra options.
+`serve_jobs(endpoint, name, job_type, handle, coordinator_pid)` connects a DEALER (identity
+`name`) to the coordinator's worker socket, sends `WorkerReady`, then for each job calls
+`handle(job)` and sends back its `JobDone`. An exception in `handle` becomes
+`JobDone(ok=False, error=...)`: the worker keeps serving. The loop ends on SIGTERM or as soon as
+its parent is no longer `coordinator_pid` (the coordinator died, even before the worker got
+this far: the pid comes on the command line, not from `getppid()` at start-up), or when a
+send has waited a second for a coordinator that is gone (a DEALER without a peer blocks forever).
+`worker_main` is the common command line: `--endpoint E --name N --coordinator-pid P` plus
+extra options.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ from .. import protocol as p
 log = logging.getLogger(__name__)
 
 
-def serve_jobs(endpoint: str, name: str, job_type, handle: Callable[[p._Job], p.JobDone]) -> None:
+def serve_jobs(endpoint: str, name: str, job_type, handle: Callable[[p._Job], p.JobDone],
+               coordinator_pid: int) -> None:
     decoder = msgspec.msgpack.Decoder(job_type)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    parent = int(os.environ.get(p.WORKER_PARENT_PID_ENV) or os.getppid())  # env: the parent may be dead already
+    if os.getppid() != coordinator_pid:
+        log.warning("worker %s: coordinator %d is gone before the worker started; exiting", name, coordinator_pid)
+        return
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, name.encode())
@@ -38,7 +43,7 @@ def serve_jobs(endpoint: str, name: str, job_type, handle: Callable[[p._Job], p.
     sock.connect(endpoint)
     try:
         sock.send_multipart(p.encode(p.WorkerReady(name, os.getpid())))
-        while not stop and os.getppid() == parent:
+        while not stop and os.getppid() == coordinator_pid:
             if not sock.poll(200):
                 continue
             frames = sock.recv_multipart()
@@ -54,7 +59,7 @@ def serve_jobs(endpoint: str, name: str, job_type, handle: Callable[[p._Job], p.
                 done = p.JobDone(job.job_id, False, f"{type(e).__name__}: {e}")
             sock.send_multipart(p.encode(done))
     except zmq.Again:
-        log.warning("worker %s: the coordinator is gone", name)
+        log.warning("worker %s: the coordinator is gone (a send timed out)", name)
     finally:
         sock.close()
         ctx.term()
@@ -65,6 +70,7 @@ def worker_main(description: str, add_arguments: Callable[[argparse.ArgumentPars
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--endpoint", required=True)
     parser.add_argument("--name", required=True)
+    parser.add_argument("--coordinator-pid", type=int, required=True)
     parser.add_argument("--log-level", default=os.environ.get("KVBM_LOG_LEVEL", "INFO"))
     if add_arguments is not None:
         add_arguments(parser)

@@ -203,7 +203,7 @@ def main() -> None:
         parser.add_argument("--threads", type=int, default=4, help="blocks in flight per worker")))
     lock_fd = os.open(args.lock, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(lock_fd, fcntl.LOCK_SH)
-    serve_jobs(args.endpoint, args.name, p.DiskJob, DiskIo(args.threads).handle)
+    serve_jobs(args.endpoint, args.name, p.DiskJob, DiskIo(args.threads).handle, args.coordinator_pid)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ Started and restarted by the coordinator (`control.supervisor.WorkerGroup`) as
 one job at a time (`workers.base.serve_jobs`):
 
 - `TransferJob` offload: gather the device blocks into the G2 blocks, then answer with the
-  xxh3-64 checksum of every written block; the coordinator registers them only then.
-- `TransferJob` onboard: verify every G2 block against its checksum, scatter the good ones into
-  the device blocks, answer the positions that failed verification in `failed`.
+  checksum of every written block (`cpu_copy.checksum`); the coordinator registers them only then.
+- `TransferJob` onboard: scatter the G2 blocks into the device blocks, checking every block
+  against its checksum (a GPU copy checks first and skips bad blocks), and answer the positions
+  that failed in `failed`: the engine must recompute those device blocks.
 - `CloseDevice`: drop this process's mappings of an unregistered device's tensors.
 
 A job that raises is answered `ok=False`; the coordinator then treats every block of the job as
@@ -105,21 +106,12 @@ class TransferWorker:
             return p.JobDone(job.job_id, True)
         device = self._device(job.device)
         pool = self._pool(job.pool_segment, job.segment_id)
-        seg = pool.segment
         if job.offload:
-            nbytes = self._copy(device, pool, True, job.device_block_ids, job.g2_block_ids)
-            checksums = [cpu_copy.checksum(seg.block(b)) for b in job.g2_block_ids]
+            checksums, nbytes = self._offload(device, pool, job.device_block_ids, job.g2_block_ids)
             return p.JobDone(job.job_id, True, nbytes=nbytes, checksums=checksums)
-        good = list(range(len(job.g2_block_ids)))
-        if job.checksums:
-            good = [i for i, (b, c) in enumerate(zip(job.g2_block_ids, job.checksums))
-                    if cpu_copy.checksum(seg.block(b)) == c]
-        failed = sorted(set(range(len(job.g2_block_ids))) - set(good))
+        failed, nbytes = self._onboard(device, pool, job.device_block_ids, job.g2_block_ids, job.checksums)
         if failed:
-            log.warning("onboard job %d: %d block(s) failed their checksum and were not copied",
-                        job.job_id, len(failed))
-        nbytes = self._copy(device, pool, False, [job.device_block_ids[i] for i in good],
-                            [job.g2_block_ids[i] for i in good])
+            log.warning("onboard job %d: %d block(s) failed their checksum", job.job_id, len(failed))
         return p.JobDone(job.job_id, True, failed=failed, nbytes=nbytes)
 
     def close(self) -> None:
@@ -133,17 +125,36 @@ class TransferWorker:
             engine.close()
         self._engines.clear()
 
-    def _copy(self, device: ImportedDevice, pool: _AttachedPool, offload: bool, device_ids: list[int],
-              g2_ids: list[int]) -> int:
+    def _offload(self, device: ImportedDevice, pool: _AttachedPool, device_ids: list[int],
+                 g2_ids: list[int]) -> tuple[list[int], int]:
+        """Device blocks -> G2 blocks; returns their checksums and the bytes moved."""
         if not g2_ids:
-            return 0
+            return [], 0
         addrs = pool.segment.block_addresses(g2_ids)
         if not device.on_gpu:
-            copy = cpu_copy.gather if offload else cpu_copy.scatter
-            return copy(device.table, device_ids, addrs)
-        engine = self._engine(device.device_uuid, pool)
-        copy = engine.gather if offload else engine.scatter
-        return copy(device.table, device_ids, addrs)
+            sums = cpu_copy.gather(device.table, device_ids, addrs).tolist()
+        else:
+            self._engine(device.device_uuid, pool).gather(device.table, device_ids, addrs)
+            sums = [cpu_copy.checksum(pool.segment.block(b)) for b in g2_ids]
+        return sums, len(g2_ids) * device.table.block_bytes
+
+    def _onboard(self, device: ImportedDevice, pool: _AttachedPool, device_ids: list[int], g2_ids: list[int],
+                 expected: list[int]) -> tuple[list[int], int]:
+        """G2 blocks -> device blocks; returns the positions whose bytes failed their checksum
+        (the engine recomputes them) and the bytes moved. A GPU copy verifies first and skips the
+        bad blocks; the CPU copy verifies in the same pass as it copies."""
+        if not g2_ids:
+            return [], 0
+        seg = pool.segment
+        if not device.on_gpu:
+            sums = cpu_copy.scatter(device.table, device_ids, seg.block_addresses(g2_ids)).tolist()
+            failed = [i for i, (c, e) in enumerate(zip(sums, expected)) if c != e] if expected else []
+            return failed, len(g2_ids) * device.table.block_bytes
+        failed = [i for i, (b, e) in enumerate(zip(g2_ids, expected)) if cpu_copy.checksum(seg.block(b)) != e]
+        good = [i for i in range(len(g2_ids)) if i not in set(failed)]
+        self._engine(device.device_uuid, pool).scatter(
+            device.table, [device_ids[i] for i in good], seg.block_addresses([g2_ids[i] for i in good]))
+        return failed, len(good) * device.table.block_bytes
 
     def _engine(self, device_uuid: bytes, pool: _AttachedPool):
         from ..kernels.cuda_copy import CudaCopyEngine
@@ -180,7 +191,7 @@ def main() -> None:
         help="GPU copy path; auto: the faster one for each transfer's region size, measured at first use"))
     worker = TransferWorker(args.copy_path)
     try:
-        serve_jobs(args.endpoint, args.name, p.TransferWorkerJob, worker.run)
+        serve_jobs(args.endpoint, args.name, p.TransferWorkerJob, worker.run, args.coordinator_pid)
     finally:
         worker.close()
 

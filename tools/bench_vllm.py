@@ -1,0 +1,230 @@
+"""Benchmark: time to first token on a real vLLM (CPU) when another engine process stored the prefix.
+
+Runs in the vLLM environment (`tools/setup_vllm_env.sh .venv-vllm`), from the repository root:
+
+    .venv-vllm/bin/python tools/bench_vllm.py [--prefix-tokens 2048] [--trials 5] [--json]
+
+It builds the "bench" Llama locally (prefill dominates a request), starts its own coordinator,
+and measures time to first token (one greedy token, `LLM.generate` wall time) of prompts
+`prefix + suffix`:
+
+    no connector             full prefill: the baseline
+    connector, miss          full prefill plus the connector's work on a complete miss
+                             (one lookup, the blocks stored afterwards); target <= 1.05 x baseline
+    connector, hit           the prefix stored by another engine process (engine A) is loaded
+    vLLM prefix cache hit    the prefix is in this engine's own cache: the ideal a hit approaches
+
+The "connector" and "no connector" engines run side by side and the miss trials alternate
+between them, so both see the same machine load; medians and minima are reported (on a shared
+machine noise only adds time, so the minima are the steadier estimate of the cost). The physical limit of a
+hit's copy, the prefix's bytes at this machine's memcpy speed, is measured in the same run, and
+so is the connector's own work on a miss (hash, lookup, store through the client library, alone):
+on a shared machine that work is a steadier measure of the miss overhead than the difference of
+two noisy end-to-end times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvbm_shm import runtime  # noqa: E402
+from kvbm_shm.client import Client  # noqa: E402
+from kvbm_shm.config import ClientConfig  # noqa: E402
+from kvbm_shm.hashing import sequence_hashes  # noqa: E402
+from kvbm_shm.layout import EngineLayout, KvLayout, Namespace  # noqa: E402
+from tests.engines.tiny_llama import SIZES, build_model_dir, prompt_token_ids  # noqa: E402
+from tests.engines.vllm_runner import EngineProcess, EngineSpec, Prompt  # noqa: E402
+
+BLOCK = 128  # vLLM's block size on CPU
+
+
+class Coordinator:
+    """A `kvbm-shm serve` process of a private instance, stopped (pools unlinked) on exit."""
+
+    def __init__(self, cpu_cache_gb: float):
+        self.instance = f"bench{uuid.uuid4().hex[:8]}"
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="kvb", dir="/tmp"))
+        self._args = [sys.executable, "-m", "kvbm_shm", "serve", "--instance", self.instance,
+                      "--runtime-dir", str(self.runtime_dir), "--cpu-cache-gb", str(cpu_cache_gb),
+                      "--log-level", "WARNING"]
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Coordinator":
+        self._proc = subprocess.Popen(self._args, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            info = runtime.read_info(self.runtime_dir / self.instance)
+            if info is not None and info.pid == self._proc.pid:
+                return self
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"coordinator exited with {self._proc.returncode}")
+            time.sleep(0.05)
+        self._proc.kill()
+        raise RuntimeError("coordinator did not start within 30 s")
+
+    def __exit__(self, *exc) -> None:
+        self._proc.terminate()
+        self._proc.wait(30)
+
+
+def memcpy_gbps(num_bytes: int, repeats: int = 5) -> float:
+    src = np.ones(num_bytes, np.uint8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t0)
+    return num_bytes / best / 1e9
+
+
+def connector_work_on_miss(coordinator: Coordinator, size, num_tokens: int, trials: int) -> dict:
+    """The connector's own work for one missed prompt, timed alone through the client library:
+    hashing and the lookup (on the request's critical path), then storing its full blocks (done
+    by the worker's background thread). A private pool, so the engines' pool is not touched."""
+    import torch
+
+    num_blocks = num_tokens // BLOCK
+    tensors = [torch.zeros(num_blocks, size.num_key_value_heads, BLOCK, 2 * size.head_dim)
+               for _ in range(size.num_hidden_layers)]  # vLLM's CPU layout, one tensor per layer
+    namespace = Namespace(
+        model="bench:connector-work-on-miss",
+        kv=KvLayout(size.num_hidden_layers, 2, BLOCK, size.num_key_value_heads * size.head_dim, "float32"),
+        engine_layout=EngineLayout.of(tensors))
+    config = ClientConfig(instance=coordinator.instance, runtime_dir=coordinator.runtime_dir, timeout_s=30)
+    lookup_s, store_s = [], []
+    with Client(config) as client:
+        pool = client.register_layout(namespace, cache_bytes=4 * num_blocks * namespace.kv.block_bytes)
+        kv = pool.bind(tensors)
+        for i in range(trials):
+            tokens = prompt_token_ids(num_tokens, 10**7 + i)
+            t0 = time.perf_counter()
+            hashes = sequence_hashes(tokens, BLOCK)
+            assert client.lookup(pool, hashes) == []
+            t1 = time.perf_counter()
+            assert client.store(kv, hashes, list(range(num_blocks))).stored == num_blocks
+            t2 = time.perf_counter()
+            lookup_s.append(t1 - t0)
+            store_s.append(t2 - t1)
+    return {"lookup_ms": statistics.median(lookup_s) * 1e3, "store_ms": statistics.median(store_s) * 1e3}
+
+
+def ttft(engine: EngineProcess, tokens: list[int], expect_cached: int | None = None) -> float:
+    result = engine.generate([Prompt(tuple(tokens))], max_tokens=1)
+    cached = result.requests[0].num_cached_tokens
+    if expect_cached is not None and cached != expect_cached:
+        raise RuntimeError(f"expected {expect_cached} cached tokens, vLLM reported {cached}")
+    return result.generate_s
+
+
+def run(args) -> dict:
+    size = SIZES[args.size]
+    model_dir = str(build_model_dir(Path(args.model_root) / args.size, size=args.size))
+    prefix_bytes = (args.prefix_tokens // BLOCK) * BLOCK * size.num_hidden_layers * 2 * \
+        size.num_key_value_heads * size.head_dim * 4
+    seed = iter(range(1000, 10**6))
+    prefixes = [prompt_token_ids(args.prefix_tokens, next(seed)) for _ in range(args.trials)]
+
+    def suffix() -> list[int]:
+        return prompt_token_ids(args.suffix_tokens, next(seed))
+
+    def fresh() -> list[int]:
+        return prompt_token_ids(args.prefix_tokens + args.suffix_tokens, next(seed))
+
+    times: dict[str, list[float]] = {k: [] for k in ("none", "miss", "hit", "local")}
+    with Coordinator(args.cpu_cache_gb) as coordinator:
+        work = connector_work_on_miss(coordinator, size, args.prefix_tokens + args.suffix_tokens, args.trials)
+        kv = {"kv_connector": "KvbmShmConnector", "kv_connector_module_path": "kvbm_shm.integrations.vllm",
+              "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+              "kv_connector_extra_config": {"instance": coordinator.instance,
+                                            "runtime_dir": str(coordinator.runtime_dir),
+                                            "timeout_s": 5.0}}  # the first engine creates the pool
+        with EngineProcess(EngineSpec(model_dir, kv_transfer_config=kv)) as engine_a:
+            for p in prefixes:
+                ttft(engine_a, p + suffix())
+        with EngineProcess(EngineSpec(model_dir, kv_transfer_config=kv)) as with_conn, \
+                EngineProcess(EngineSpec(model_dir)) as without:
+            ttft(with_conn, fresh())  # warm-up: first-call costs out of the trials
+            ttft(without, fresh())
+            for i, p in enumerate(prefixes):
+                pair = [("miss", with_conn), ("none", without)]
+                for name, engine in pair if i % 2 == 0 else pair[::-1]:
+                    times[name].append(ttft(engine, fresh(), expect_cached=0))
+                times["hit"].append(ttft(with_conn, p + suffix(), expect_cached=len(p) // BLOCK * BLOCK))
+                ttft(without, p + suffix())
+                times["local"].append(ttft(without, p + suffix(), expect_cached=len(p) // BLOCK * BLOCK))
+
+    gbps = memcpy_gbps(prefix_bytes)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
+    return {
+        "model": {"size": args.size, "layers": size.num_hidden_layers, "hidden": size.hidden_size,
+                  "kv_heads": size.num_key_value_heads, "head_dim": size.head_dim},
+        "prefix_tokens": args.prefix_tokens, "suffix_tokens": args.suffix_tokens, "trials": args.trials,
+        "prefix_bytes": prefix_bytes, "memcpy_gbps": gbps,
+        "load_floor_ms": prefix_bytes / gbps / 1e6,
+        "ttft_ms": {k: [round(t * 1e3, 2) for t in v] for k, v in times.items()},
+        "median_ttft_ms": {k: v * 1e3 for k, v in med.items()},
+        "min_ttft_ms": {k: v * 1e3 for k, v in best.items()},
+        "miss_overhead_ratio": med["miss"] / med["none"],
+        "miss_overhead_ratio_min": best["miss"] / best["none"],
+        "connector_work_on_miss_ms": work,
+        "miss_work_ratio": (best["none"] + (work["lookup_ms"] + work["store_ms"]) / 1e3) / best["none"],
+        "hit_speedup": med["none"] / med["hit"],
+        "hit_vs_vllm_prefix_cache": med["hit"] / med["local"],
+        "cpus": os.cpu_count(),
+    }
+
+
+def print_table(r: dict) -> None:
+    m, b = r["median_ttft_ms"], r["min_ttft_ms"]
+    print(f"vLLM CPU, {r['model']['size']} Llama ({r['model']['layers']} layers, hidden {r['model']['hidden']}), "
+          f"prompt {r['prefix_tokens']} + {r['suffix_tokens']} tokens, {r['trials']} trials, {r['cpus']} CPUs")
+    print(f"{'TTFT, ms':<34}{'median':>9}{'ratio':>8}{'min':>9}{'ratio':>8}")
+    rows = [("no connector (full prefill)", "none"), ("connector, complete miss", "miss"),
+            ("connector, prefix from engine A", "hit"), ("vLLM prefix cache (same engine)", "local")]
+    for label, k in rows:
+        print(f"{label:<34}{m[k]:>9.1f}{m[k] / m['none']:>8.3f}{b[k]:>9.1f}{b[k] / b['none']:>8.3f}")
+    w = r["connector_work_on_miss_ms"]
+    print(f"connector work per missed prompt, timed alone: hash + lookup {w['lookup_ms']:.2f} ms (critical path), "
+          f"store {w['store_ms']:.2f} ms (background); (min full prefill + both) / min full prefill = "
+          f"{r['miss_work_ratio']:.4f}; target for the miss ratio: <= 1.05")
+    print(f"physical limit of the hit's copy: {r['prefix_bytes'] / 2**20:.1f} MiB at {r['memcpy_gbps']:.1f} GB/s "
+          f"memcpy = {r['load_floor_ms']:.2f} ms; hit / vLLM prefix cache = {r['hit_vs_vllm_prefix_cache']:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prefix-tokens", type=int, default=2048)
+    parser.add_argument("--suffix-tokens", type=int, default=64)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--size", choices=sorted(SIZES), default="bench")
+    parser.add_argument("--model-root", default=os.path.join(tempfile.gettempdir(), "kvbm-bench-models"))
+    parser.add_argument("--cpu-cache-gb", type=float, default=1.0)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    if args.prefix_tokens < BLOCK:
+        parser.error(f"--prefix-tokens must be at least one block ({BLOCK})")
+    result = run(args)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
