@@ -11,12 +11,14 @@ Every offset and length is a multiple of 4 KiB, so a slot is written or read wit
 O_DIRECT where the filesystem allows it.
 
 A slot header records magic, format version, namespace fingerprint, sequence hash, generation
-(a per-file write counter: the newest copy of a hash wins), length, the xxh3-64 checksum of the
-block's bytes (the same checksum the G2 block table holds), priority, write time, and an xxh3-64
-of the header itself. A slot is trusted only when `check_slot_header` passes and, for its bytes,
-when the checksum matches on read: a torn write, a flipped bit, a truncated file or a block of
-another namespace or format version is never served. There is no journal: the headers are the
-index, and `scan_slots` rebuilds it.
+(a per-file write counter: the newest copy of a hash wins), length, the xxh3-64 of the block's
+bytes, the G2 block checksum of the same bytes (`kernels.cpu_copy.checksum`, checked against the
+G2 block table before the write and handed back to G2 when the block is staged, so a read costs
+one pass over the bytes; changing that function means a new FORMAT_VERSION), priority, write
+time, and an xxh3-64 of the header itself. A slot is trusted only when `check_slot_header` passes
+and, for its bytes, when their xxh3 matches on read: a torn write, a flipped bit, a truncated
+file or a block of another namespace or format version is never served. There is no journal:
+the headers are the index, and the coordinator rebuilds it from them (`read_slot_headers`).
 
 The file name carries the format version (`g3-v<N>-<fingerprint>.blocks`), so a file of another
 version is never opened as this one.
@@ -68,6 +70,7 @@ SLOT_HEADER_DTYPE = np.dtype([
     ("generation", "<u8"),
     ("length", "<u8"),
     ("checksum", "<u8"),  # xxh3-64 of the block's `length` bytes
+    ("g2_checksum", "<u8"),  # the G2 block checksum of the same bytes
     ("written_ns", "<u8"),  # wall clock: orders blocks by age across restarts
     ("priority", "<i2"),
     ("pad", "V6"),
@@ -122,7 +125,7 @@ def slot_headers(buf, count: int) -> np.ndarray:
 
 
 def pack_slot_header(rec: np.ndarray, *, fingerprint: str, hash: bytes, generation: int, length: int,
-                     checksum: int, priority: int) -> None:
+                     checksum: int, g2_checksum: int, priority: int) -> None:
     """Fill one slot header record (a view into a header page) and seal it with its checksum."""
     rec["magic"] = SLOT_MAGIC
     rec["format_version"] = FORMAT_VERSION
@@ -132,6 +135,7 @@ def pack_slot_header(rec: np.ndarray, *, fingerprint: str, hash: bytes, generati
     rec["generation"] = generation
     rec["length"] = length
     rec["checksum"] = checksum
+    rec["g2_checksum"] = g2_checksum
     rec["written_ns"] = time.time_ns()
     rec["priority"] = priority
     rec["header_checksum"] = _record_checksum(rec, _SLOT_SUMMED)
@@ -153,7 +157,7 @@ def check_slot_header(rec: np.ndarray, fingerprint: str, block_bytes: int) -> st
 
 
 def block_checksum(block) -> int:
-    """xxh3-64 of a block's bytes: the G2 block table's checksum, and the slot header's."""
+    """xxh3-64 of a block's bytes: what a slot header vouches for."""
     return xxhash.xxh3_64_intdigest(block)
 
 

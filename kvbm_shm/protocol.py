@@ -526,21 +526,24 @@ class _DiskJob(_Job):
     block_ids: list[int]
     slots: list[int]
     hashes: list[bytes]
-    checksums: list[int]  # xxh3-64 of each block's bytes
     generations: list[int]
 
 
 class DiskWrite(_DiskJob, tag="disk_write"):
     """G2 -> G3: write each block with its slot header in one pwritev. A block whose bytes do not
-    match its checksum is not written (EBADMSG)."""
+    match its G2 checksum is not written (EBADMSG). `JobDone.checksums`: the xxh3-64 of each
+    block's bytes, as its slot header holds it (0 for a block not written)."""
 
-    priorities: list[int] = []
+    g2_checksums: list[int]  # each block's checksum in the G2 block table
+    priorities: list[int]
 
 
 class DiskRead(_DiskJob, tag="disk_read"):
     """G3 -> G2: read each slot into its block, then verify the slot header (namespace, hash,
     generation, checksum) and the bytes. A block that fails (EBADMSG; ENODATA: the file is cut
     short) holds garbage and must not be registered."""
+
+    checksums: list[int]  # the xxh3-64 each slot header must hold, and its bytes hash to
 
 
 DiskJob = Union[DiskWrite, DiskRead]

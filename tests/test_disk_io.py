@@ -11,6 +11,7 @@ import pytest
 
 from kvbm_shm import g3
 from kvbm_shm import protocol as p
+from kvbm_shm.kernels import cpu_copy
 from kvbm_shm.shm import PoolSegment, unlink
 from kvbm_shm.workers.disk_io import DiskIo
 
@@ -40,28 +41,35 @@ def setup(tmp_path):
     unlink(name)
 
 
-def job(kind, seg, f, blocks, slots, checksums, hashes=None):
-    """A job as the coordinator sends it: block i was written with hash h(i), generation 10 + slot."""
-    hashes = hashes or [h(b) for b in blocks]
-    return kind(7, seg.name, seg.segment_id, str(f.path), FP, blocks, slots, hashes, checksums,
-                [10 + s for s in slots])
+def write(seg, f, blocks, slots, g2_checksums=None):
+    """A write job as the coordinator sends it: block b gets hash h(b), generation 10 + slot."""
+    g2_checksums = g2_checksums or [cpu_copy.checksum(seg.block(b)) for b in blocks]
+    return p.DiskWrite(7, seg.name, seg.segment_id, str(f.path), FP, blocks, slots, [h(b) for b in blocks],
+                       [10 + s for s in slots], g2_checksums, [0] * len(blocks))
+
+
+def read(seg, f, blocks, slots, hashes, xxh3):
+    return p.DiskRead(8, seg.name, seg.segment_id, str(f.path), FP, blocks, slots, hashes, [10 + s for s in slots],
+                      xxh3)
 
 
 def test_write_then_read_back_into_other_blocks(setup):
     seg, f, io = setup
-    sums = [g3.block_checksum(seg.block(b)) for b in range(3)]
-    done = io.handle(job(p.DiskWrite, seg, f, [0, 1, 2], [5, 0, 3], sums))
+    done = io.handle(write(seg, f, [0, 1, 2], [5, 0, 3]))
     assert done.ok and done.nbytes == 3 * BLOCK and done.job_id == 7
+    assert done.checksums == [g3.block_checksum(seg.block(b)) for b in range(3)]  # what the slot headers hold
     want = [seg.block(b).copy() for b in range(3)]
-    done = io.handle(job(p.DiskRead, seg, f, [3, 4, 5], [5, 0, 3], sums, hashes=[h(0), h(1), h(2)]))
+    done = io.handle(read(seg, f, [3, 4, 5], [5, 0, 3], [h(0), h(1), h(2)], done.checksums))
     assert done.ok, done.error
     assert all(np.array_equal(seg.block(3 + i), want[i]) for i in range(3))
+    headers, _ = f.read_slot_headers(5, 1)
+    assert int(headers[0]["g2_checksum"]) == cpu_copy.checksum(want[0])  # handed back to G2 on staging
 
 
 def test_a_source_block_that_fails_its_checksum_is_not_written(setup):
     seg, f, io = setup
-    sums = [g3.block_checksum(seg.block(b)) for b in range(2)]
-    done = io.handle(job(p.DiskWrite, seg, f, [0, 1], [0, 1], [sums[0], sums[1] ^ 1]))
+    sums = [cpu_copy.checksum(seg.block(b)) for b in range(2)]
+    done = io.handle(write(seg, f, [0, 1], [0, 1], [sums[0], sums[1] ^ 1]))
     assert (done.ok, done.failed, done.errnos) == (False, [1], [errno.EBADMSG])
     header, n = f.read_slot_headers(1, 1)
     assert g3.check_slot_header(header[0], FP, BLOCK) == "no slot header"
@@ -69,17 +77,17 @@ def test_a_source_block_that_fails_its_checksum_is_not_written(setup):
 
 def test_every_kind_of_bad_slot_is_reported(setup):
     seg, f, io = setup
-    sums = [g3.block_checksum(seg.block(b)) for b in range(4)]
-    assert io.handle(job(p.DiskWrite, seg, f, [0, 1, 2, 3], [0, 1, 2, 7], sums)).ok
+    done = io.handle(write(seg, f, [0, 1, 2, 3], [0, 1, 2, 7]))
+    assert done.ok
     with open(f.path, "r+b") as raw:  # one flipped data byte in slot 1
         raw.seek(g3.slot_offset(1, f.slot_bytes) + g3.SLOT_HEADER_BYTES + 1234)
         byte = raw.read(1)
         raw.seek(-1, 1)
         raw.write(bytes([byte[0] ^ 0x10]))
     os.truncate(f.path, g3.slot_offset(7, f.slot_bytes) + 10)  # slot 7 is cut short
-    read = job(p.DiskRead, seg, f, [4, 5, 6, 7], [0, 1, 2, 7], sums, hashes=[h(0), h(1), h(2), h(3)])
-    read.generations[2] += 1  # the index expects a newer write of slot 2 than the disk holds
-    done = io.handle(read)
+    job = read(seg, f, [4, 5, 6, 7], [0, 1, 2, 7], [h(0), h(1), h(2), h(3)], done.checksums)
+    job.generations[2] += 1  # the index expects a newer write of slot 2 than the disk holds
+    done = io.handle(job)
     assert done.failed == [1, 2, 3]
     assert done.errnos == [errno.EBADMSG, errno.EBADMSG, errno.ENODATA]
     assert done.nbytes == BLOCK
@@ -87,9 +95,9 @@ def test_every_kind_of_bad_slot_is_reported(setup):
 
 def test_a_replaced_file_is_reopened(setup, tmp_path):
     seg, f, io = setup
-    sums = [g3.block_checksum(seg.block(0))]
-    assert io.handle(job(p.DiskWrite, seg, f, [0], [0], sums)).ok
+    done = io.handle(write(seg, f, [0], [0]))
+    assert done.ok
     g2, _ = g3.BlockFile.create(f.path, fingerprint=FP, namespace=b"", block_bytes=BLOCK, num_slots=2)
-    done = io.handle(job(p.DiskRead, seg, f, [1], [0], sums, hashes=[h(0)]))
+    done = io.handle(read(seg, f, [1], [0], [h(0)], done.checksums))
     assert done.errnos == [errno.EBADMSG]  # the new file is empty: nothing stale is read through an old fd
     g2.close()

@@ -42,7 +42,7 @@ def write_slot(f: g3.BlockFile, slot: int, hash_: bytes, generation: int, fill: 
     page = mmap.mmap(-1, g3.SLOT_HEADER_BYTES)
     data = np.full(g3.round_up(BLOCK), fill, np.uint8)
     g3.pack_slot_header(g3.slot_headers(page, 1)[0], fingerprint=fingerprint, hash=hash_, generation=generation,
-                        length=BLOCK, checksum=g3.block_checksum(data[:BLOCK]), priority=priority)
+                        length=BLOCK, checksum=g3.block_checksum(data[:BLOCK]), g2_checksum=fill, priority=priority)
     assert os.pwritev(f.fd, [page, data], g3.slot_offset(slot, f.slot_bytes)) == f.slot_bytes
 
 
@@ -75,7 +75,8 @@ def test_slot_header_checks():
     page = mmap.mmap(-1, g3.SLOT_HEADER_BYTES)
     rec = g3.slot_headers(page, 1)[0]
     assert g3.check_slot_header(rec, FP, BLOCK) == "no slot header"
-    g3.pack_slot_header(rec, fingerprint=FP, hash=h(1), generation=3, length=BLOCK, checksum=9, priority=0)
+    g3.pack_slot_header(rec, fingerprint=FP, hash=h(1), generation=3, length=BLOCK, checksum=9, g2_checksum=8,
+                        priority=0)
     assert g3.check_slot_header(rec, FP, BLOCK) is None
     assert g3.check_slot_header(rec, "cd" * 16, BLOCK) == "slot belongs to another namespace"
     assert "bytes" in g3.check_slot_header(rec, FP, BLOCK + 1)
@@ -88,16 +89,16 @@ def test_reserve_takes_free_slots_then_evicts_lowest_priority_then_lru(block_fil
     evicted = []
     for i, prio in ((1, 5), (2, 0), (3, 0)):
         slot, gen = index.reserve(h(i), prio, evicted)
-        index.write_done(slot, checksum=i, ok=True)
+        index.write_done(slot, ok=True, checksum=i)
     assert [index.lookup(h(i)) for i in (1, 2, 3)] == [0, 1, 2]  # low slots first
     index.begin_read(1)  # h2 is being staged: not evictable
     slot, _ = index.reserve(h(4), 0, evicted)
     assert (slot, evicted) == (2, [h(3)])
     index.read_done(1, ok=True)  # now h2 is the most recently used
-    index.write_done(slot, checksum=4, ok=True)
+    index.write_done(slot, ok=True, checksum=4)
     slot, _ = index.reserve(h(5), 0, evicted)
     assert (slot, evicted) == (1, [h(3), h(2)])  # h4 was written after h2 was read: h2 is older
-    index.write_done(slot, 0, ok=False)
+    index.write_done(slot, ok=False)
     assert index.state[1] == SlotState.FREE and index.lookup(h(5)) is None
     assert index.lookup(h(1)) == 0  # the high-priority block outlived them all
     assert index.counters["evicted_blocks"] == 2
@@ -109,8 +110,8 @@ def test_busy_slots_are_never_handed_out_and_full_disk_retires(block_file):
     a, _ = index.reserve(h(1), 0, evicted)
     b, _ = index.reserve(h(2), 0, evicted)
     assert index.reserve(h(3), 0, evicted) is None  # both being written
-    index.write_done(a, 1, ok=False, retire=True)  # ENOSPC: the disk has no room for that slot
-    index.write_done(b, 2, ok=True)
+    index.write_done(a, ok=False, retire=True)  # ENOSPC: the disk has no room for that slot
+    index.write_done(b, ok=True, checksum=2)
     slot, _ = index.reserve(h(3), 0, evicted)
     assert slot == b and evicted == [h(2)]  # the retired slot is not used again
     assert index.state[a] == SlotState.RETIRED
@@ -119,7 +120,7 @@ def test_busy_slots_are_never_handed_out_and_full_disk_retires(block_file):
 def test_bad_read_drops_the_block(block_file):
     index = G3Index(block_file(num_slots=2))
     slot, _ = index.reserve(h(1), 0, [])
-    index.write_done(slot, 1, ok=True)
+    index.write_done(slot, ok=True, checksum=1)
     index.begin_read(slot)
     index.read_done(slot, ok=False)
     assert index.lookup(h(1)) is None and index.num_free == 2
@@ -139,6 +140,7 @@ def test_recover_trusts_only_verified_headers(block_file):
     assert index.recover() == 2
     assert index.entries == {h(1): 2, h(2): 1}
     assert int(index.checksum[2]) == g3.block_checksum(np.full(BLOCK, 7, np.uint8))
+    assert int(index.g2_checksum[2]) == 7
     assert int(index.priority[1]) == 3
     assert index.counters["dropped_at_recovery"] == 2  # foreign + torn (slot 5 was never written)
     assert index.next_generation == 7

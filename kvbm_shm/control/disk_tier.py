@@ -31,7 +31,7 @@ it) and it goes back to the eviction end. A failed write leaves the block in G2,
 disk had no room for (ENOSPC on a sparse file) is retired. With `disk_write_through`, every
 committed block is written at once, whatever the filter says.
 
-Staging: a read that verified registers its G2 block (tier 3, checksum from the slot). One that did
+Staging: a read that verified registers its G2 block (tier 3, G2 checksum from the slot). One that did
 not (EBADMSG, ENODATA, an I/O error) is freed, its slot dropped and counted, and the lookup's
 prefix ends there: a block that does not verify is never served. A read lost with its worker
 leaves the slot as it was.
@@ -366,30 +366,33 @@ class DiskTier:
         for start in range(0, len(blocks), job_blocks):
             part = slice(start, start + job_blocks)
             job_ids, job_slots, job_hashes = blocks[part], slots[part], hashes[part]
-            checksums = pool.table["checksum"][job_ids].tolist()
+            g2_checksums = pool.table["checksum"][job_ids].tolist()
             job = p.DiskWrite(0, pool.segment.name, pool.segment.segment_id, index.path, index.fingerprint,
-                              job_ids, job_slots, job_hashes, checksums,
-                              index.generation[job_slots].tolist(), pool.table["priority"][job_ids].tolist())
+                              job_ids, job_slots, job_hashes, index.generation[job_slots].tolist(), g2_checksums,
+                              pool.table["priority"][job_ids].tolist())
             fut = group.submit(job)
-            fut.add_done_callback(lambda f, a=(attached, job_ids, job_slots, job_hashes, checksums):
+            fut.add_done_callback(lambda f, a=(attached, job_ids, job_slots, job_hashes, g2_checksums):
                                   self._write_done(*a, pinned_ns=None if write_through else pinned_ns, fut=f))
 
     def _write_done(self, attached: _Attached, blocks: list[int], slots: list[int], hashes: list[bytes],
-                    checksums: list[int], pinned_ns: int | None, fut: concurrent.futures.Future) -> None:
+                    g2_checksums: list[int], pinned_ns: int | None, fut: concurrent.futures.Future) -> None:
         pool, index = attached.pool, attached.index
         self._writes_in_flight -= len(blocks)
         attached.writing -= len(blocks)
         failed = _failures(fut, len(blocks), "write", index.path)
+        xxh3 = fut.result().checksums if not fut.cancelled() and fut.exception() is None else []
+        if len(xxh3) != len(blocks):  # a worker that does not say what it wrote wrote nothing usable
+            failed = failed or dict.fromkeys(range(len(blocks)), errno.EIO)
         stored, bad_source, lost = [], [], []
         for i, (b, slot, h) in enumerate(zip(blocks, slots, hashes)):
             e = failed.get(i)
             if e is None:
-                index.write_done(slot, checksums[i], ok=True)
+                index.write_done(slot, ok=True, checksum=xxh3[i], g2_checksum=g2_checksums[i])
                 stored.append(h)
                 if pool.hash_of(b) == h and pool.state_of(b) == BlockState.REGISTERED:
                     pool.set_tier([b], p.Tier.DISK)
                 continue
-            index.write_done(slot, 0, ok=False, retire=e in g3.NO_SPACE_ERRNOS)
+            index.write_done(slot, ok=False, retire=e in g3.NO_SPACE_ERRNOS)
             if e in g3.NO_SPACE_ERRNOS:
                 index.counters["no_space_blocks"] += 1
             elif e == errno.EBADMSG:
@@ -430,8 +433,8 @@ class DiskTier:
             part = slice(start, start + job_blocks)
             slots = read.slots[part]
             job = p.DiskRead(0, pool.segment.name, pool.segment.segment_id, index.path, index.fingerprint,
-                             read.blocks[part], slots, read.hashes[part], index.checksum[slots].tolist(),
-                             index.generation[slots].tolist())
+                             read.blocks[part], slots, read.hashes[part], index.generation[slots].tolist(),
+                             index.checksum[slots].tolist())
             group.submit(job).add_done_callback(lambda f, first=start, n=len(slots): self._read_job_done(read, first, n, f))
 
     def _read_job_done(self, read: _Read, first: int, n: int, fut: concurrent.futures.Future) -> None:
@@ -450,7 +453,7 @@ class DiskTier:
                 by_priority[int(index.priority[read.slots[i]])].append(i)
         for prio, positions in by_priority.items():
             ids = [read.blocks[i] for i in positions]
-            pool.commit(ids, index.checksum[[read.slots[i] for i in positions]].tolist(), prio)
+            pool.commit(ids, index.g2_checksum[[read.slots[i] for i in positions]].tolist(), prio)
             pool.set_tier(ids, p.Tier.DISK)
         dropped = []
         for i, (b, slot, h) in enumerate(zip(read.blocks, read.slots, read.hashes)):

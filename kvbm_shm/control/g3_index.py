@@ -95,12 +95,14 @@ class G3Index:
         self.priority[slot] = priority
         return slot, gen
 
-    def write_done(self, slot: int, checksum: int, ok: bool, retire: bool = False) -> None:
+    def write_done(self, slot: int, ok: bool, checksum: int = 0, g2_checksum: int = 0, retire: bool = False) -> None:
+        """A write ended; when ok, `checksum` (xxh3) and `g2_checksum` are what the slot header holds."""
         assert self.state[slot] == SlotState.WRITING
         if ok:
             h = self.hashes[slot]
             self.state[slot] = SlotState.STORED
             self.checksum[slot] = checksum
+            self.g2_checksum[slot] = g2_checksum
             self.entries[h] = slot
             self._lru(int(self.priority[slot]))[slot] = None
         elif retire:
@@ -172,6 +174,7 @@ class G3Index:
             self.hashes[slot] = h
             self.generation[slot] = int(rec["generation"])
             self.checksum[slot] = int(rec["checksum"])
+            self.g2_checksum[slot] = int(rec["g2_checksum"])
             self.priority[slot] = int(rec["priority"])
             self.entries[h] = slot
             self._lru(int(rec["priority"]))[slot] = None
@@ -188,7 +191,8 @@ class G3Index:
         self.state = np.zeros(num_slots, np.uint8)
         self.hashes: list[bytes | None] = [None] * num_slots
         self.generation = np.zeros(num_slots, np.uint64)
-        self.checksum = np.zeros(num_slots, np.uint64)
+        self.checksum = np.zeros(num_slots, np.uint64)  # xxh3-64 of the bytes
+        self.g2_checksum = np.zeros(num_slots, np.uint64)
         self.priority = np.zeros(num_slots, np.int16)
         self._free: list[int] = list(range(num_slots - 1, -1, -1))  # pop() hands out low slots first
         self._by_priority: dict[int, collections.OrderedDict[int, None]] = {}

@@ -7,11 +7,14 @@ Jobs (`protocol.DiskWrite`, `protocol.DiskRead`) come one at a time; the blocks 
 through a pool of T threads, each issuing one `pwritev`/`preadv` of [slot header page, block]
 straight from or into the mmap'd shm block (no copy; the syscalls release the GIL), so T
 operations are in flight per worker. Files are opened with O_DIRECT; a filesystem that refuses
-it gets buffered I/O and one warning naming the file.
+it gets buffered I/O and one warning naming the file. A write first checks the block against
+its G2 checksum (so that bad bytes are never made durable), then seals the slot header with the
+xxh3-64 of the bytes; a read checks the header and the xxh3 of what it read.
 
 Each job is answered with one `JobDone`: `failed` lists the positions that did not complete and
 `errnos` says why (EBADMSG: bytes or header failed verification; ENODATA: the slot lies past the
-end of a truncated file; ENOSPC and friends: the disk is full; anything else: an I/O error).
+end of a truncated file; ENOSPC and friends: the disk is full; anything else: an I/O error);
+for a write, `checksums` holds the xxh3-64 each written slot header carries.
 Nothing is visible until the coordinator has the answer: it registers a block only after this
 worker reported it good, so a worker that dies mid-job leaves nothing half-written in use.
 
@@ -30,6 +33,7 @@ import os
 
 from .. import g3
 from .. import protocol as p
+from ..kernels import cpu_copy
 from ..shm import PoolSegment
 from .base import serve_jobs, worker_main
 
@@ -131,7 +135,7 @@ class DiskIo:
         recs = g3.slot_headers(headers, n)
         one = self._write_one if isinstance(job, p.DiskWrite) else self._read_one
         results = list(self._pool.map(lambda i: one(job, i, seg, f, headers, recs[i]), range(n)))
-        failed = [i for i, (e, _) in enumerate(results) if e]
+        failed = [i for i, (e, _, _) in enumerate(results) if e]
         errnos = [results[i][0] for i in failed]
         error = ""
         if failed:
@@ -143,7 +147,8 @@ class DiskIo:
                             errnos.count(e), errno.errorcode.get(e, e), job.slots[i], why)
             kinds = sorted(errno.errorcode.get(e, str(e)) for e in first)
             error = f"{len(failed)} of {n} blocks failed ({', '.join(kinds)})"
-        return p.JobDone(job.job_id, not failed, error, failed, (n - len(failed)) * seg.block_bytes, errnos=errnos)
+        checksums = [c for _, _, c in results] if isinstance(job, p.DiskWrite) else []
+        return p.JobDone(job.job_id, not failed, error, failed, (n - len(failed)) * seg.block_bytes, checksums, errnos)
 
     def _header_pages(self, n: int) -> mmap.mmap:
         """Page-aligned room for n slot headers (O_DIRECT needs aligned buffers), reused across
@@ -152,34 +157,36 @@ class DiskIo:
             self._headers = mmap.mmap(-1, n * g3.SLOT_HEADER_BYTES)
         return self._headers
 
-    def _write_one(self, job: p.DiskWrite, i: int, seg: PoolSegment, f: _File, headers, rec) -> tuple[int, str]:
-        """(0, "") or (errno, why) for block i of the job."""
+    def _write_one(self, job: p.DiskWrite, i: int, seg: PoolSegment, f: _File, headers, rec) -> tuple[int, str, int]:
+        """(0, "", xxh3 of the bytes) or (errno, why, 0) for block i of the job."""
         b, slot = job.block_ids[i], job.slots[i]
-        if g3.block_checksum(seg.block(b)) != job.checksums[i]:
-            return errno.EBADMSG, f"G2 block {b} of {seg.name} does not match its checksum: not written"
+        block = seg.block(b)
+        if cpu_copy.checksum(block) != job.g2_checksums[i]:
+            return errno.EBADMSG, f"G2 block {b} of {seg.name} does not match its checksum: not written", 0
+        xxh3 = g3.block_checksum(block)
         g3.pack_slot_header(rec, fingerprint=job.fingerprint, hash=job.hashes[i], generation=job.generations[i],
-                            length=seg.block_bytes, checksum=job.checksums[i],
-                            priority=job.priorities[i] if job.priorities else 0)
+                            length=seg.block_bytes, checksum=xxh3, g2_checksum=job.g2_checksums[i],
+                            priority=job.priorities[i])
         buffers = [memoryview(headers)[i * g3.SLOT_HEADER_BYTES:(i + 1) * g3.SLOT_HEADER_BYTES], _stride(seg, b)]
         want = f.slot_bytes
         try:
             done = f.io(os.pwritev, buffers, g3.slot_offset(slot, f.slot_bytes))
         except OSError as e:
-            return e.errno or errno.EIO, str(e)
+            return e.errno or errno.EIO, str(e), 0
         if done != want:  # a short write: the disk ran out of room part-way
-            return errno.ENOSPC, f"{done} of {want} bytes written"
-        return 0, ""
+            return errno.ENOSPC, f"{done} of {want} bytes written", 0
+        return 0, "", xxh3
 
-    def _read_one(self, job: p.DiskRead, i: int, seg: PoolSegment, f: _File, headers, rec) -> tuple[int, str]:
-        """(0, "") or (errno, why) for block i of the job; on failure the G2 block holds garbage."""
+    def _read_one(self, job: p.DiskRead, i: int, seg: PoolSegment, f: _File, headers, rec) -> tuple[int, str, int]:
+        """(0, "", 0) or (errno, why, 0) for block i of the job; on failure the G2 block holds garbage."""
         b, slot = job.block_ids[i], job.slots[i]
         buffers = [memoryview(headers)[i * g3.SLOT_HEADER_BYTES:(i + 1) * g3.SLOT_HEADER_BYTES], _stride(seg, b)]
         try:
             done = f.io(os.preadv, buffers, g3.slot_offset(slot, f.slot_bytes))
         except OSError as e:
-            return e.errno or errno.EIO, str(e)
+            return e.errno or errno.EIO, str(e), 0
         if done < g3.SLOT_HEADER_BYTES + seg.block_bytes:
-            return errno.ENODATA, "the slot lies past the end of the file (truncated)"
+            return errno.ENODATA, "the slot lies past the end of the file (truncated)", 0
         why = g3.check_slot_header(rec, job.fingerprint, seg.block_bytes)
         if why is None and (bytes(rec["hash"]) != job.hashes[i] or int(rec["generation"]) != job.generations[i]
                             or int(rec["checksum"]) != job.checksums[i]):
@@ -187,8 +194,8 @@ class DiskIo:
         if why is None and g3.block_checksum(seg.block(b)) != job.checksums[i]:
             why = "block bytes do not match their checksum"
         if why is not None:
-            return errno.EBADMSG, f"failed verification ({why})"
-        return 0, ""
+            return errno.EBADMSG, f"failed verification ({why})", 0
+        return 0, "", 0
 
 
 def _stride(seg: PoolSegment, block_id: int):
