@@ -1,13 +1,11 @@
-"""The disk tier (G3) in the coordinator: block files, write-back with admission, staging of G3
-hits into G2, G3 eviction. Runs in the coordinator process, on its loop thread; the bytes move in
-the NVMe I/O workers (`workers.disk_io`), reached through the "disk" `WorkerGroup`.
+"""The disk tier (G3) in the coordinator: write-back with admission, staging of G3 hits into G2,
+and keeping G2's `tier` flags true to what is on disk. Runs in the coordinator process, on its
+loop thread; the bytes move in the NVMe I/O workers (`workers.disk_io`), reached through the
+"disk" `WorkerGroup`.
 
-Start (`DiskTier(config, workers, on_event)`): a --disk-dir that is missing (other than the
-default, which is created) or not writable fails with `ConfigError`. The tier takes
-`<disk_dir>/<instance>/g3.lock` (one coordinator per directory), waits for I/O workers that a
-crashed coordinator left mid-job, opens every G3 file of this format, fits them into
-`disk_cache_gb` (most recently used first: a file is grown, shrunk or removed), and rebuilds each
-file's index from its slot headers (`G3Index.recover`).
+Start (`DiskTier(config, workers, on_event)`): opens the instance's G3 directory (`g3_store`:
+a missing or unwritable --disk-dir fails here with `ConfigError`; files rebuilt from their slot
+headers and fitted into the budget).
 
 Hooks, called by the coordinator:
 - `attach(pool, namespace)`: a G2 pool exists (created or recovered). Opens or creates the
@@ -22,19 +20,20 @@ Hooks, called by the coordinator:
   verified prefix (block ids, tiers); `Fetch.release()` drops the fetch's own pins.
 - `sweep(now)`: decays the admission filter and plans write-back; planning also runs after every
   finished job. Planning costs O(window) numpy work plus Python only for blocks not yet judged.
-- `stats()`, `close()`.
+- `stats()`, `close()`. G3 eviction itself (lowest priority, then least recently used) is
+  `G3Index.reserve`; a block it evicts that G2 still holds is marked dirty (tier 2) again.
 
-Write-back: when a pool's free blocks fall under `disk_low_watermark` of its size, the blocks
-next in line for eviction that are not on disk and pass the admission filter are pinned and
+Write-back: when a pool's free blocks (plus those being written) fall under `disk_low_watermark`
+of its size (at most 1024 blocks), the blocks next in line for eviction that are not on disk and pass the admission filter are pinned and
 written. On success the G2 block's `tier` becomes 3 (evicting it then loses nothing: G3 serves
 it) and it goes back to the eviction end. A failed write leaves the block in G2, dirty; a slot the
 disk had no room for (ENOSPC on a sparse file) is retired. With `disk_write_through`, every
 committed block is written at once, whatever the filter says.
 
-Staging: a read that verified registers its G2 block (tier 3, G2 checksum from the slot). One that did
-not (EBADMSG, ENODATA, an I/O error) is freed, its slot dropped and counted, and the lookup's
-prefix ends there: a block that does not verify is never served. A read lost with its worker
-leaves the slot as it was.
+Staging: a read that verified registers its G2 block (tier 3, G2 checksum from the slot). One
+that did not (EBADMSG, ENODATA, an I/O error) is freed, its slot dropped and counted, and the
+lookup's prefix ends there: a block that does not verify is never served. A read lost with its
+worker leaves the slot as it was. Two lookups that want the same block share one read.
 """
 
 from __future__ import annotations
@@ -43,24 +42,20 @@ import collections
 import concurrent.futures
 import dataclasses
 import errno
-import fcntl
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Callable
 
-import msgspec
 import numpy as np
 
 from .. import g3
 from .. import protocol as p
-from ..config import ServiceConfig, default_disk_dir
-from ..errors import ConfigError, CorruptionError, KvbmError
+from ..config import ServiceConfig
 from ..layout import Namespace
 from ..shm import BlockState
 from .admission import AdmissionFilter
 from .g3_index import G3Index, SlotState
+from .g3_store import G3Store
 from .pool import BlockPool
 from .supervisor import WorkerGroup
 
@@ -68,33 +63,9 @@ log = logging.getLogger(__name__)
 
 WORKER_KIND = "disk"
 WORKER_MODULE = "kvbm_shm.workers.disk_io"
-LOCK_FILE = "g3.lock"
-IO_LOCK_FILE = "g3-io.lock"
 _JOB_BYTES = 32 << 20  # bytes per job: large enough to keep a worker's threads busy
-_OLD_WORKERS_WAIT_S = 10.0
 _MAX_WINDOW = 1024  # blocks ahead of eviction that write-back looks at, at most
 _NOT_REJECTED = np.uint64(2**64 - 1)
-
-
-def open_disk_dir(config: ServiceConfig) -> Path:
-    """`<disk_dir>/<instance>`, created 0700. ConfigError when disk_dir is missing or unwritable."""
-    base = Path(config.disk_dir)
-    if not base.is_dir():
-        if base.exists() or base != default_disk_dir():
-            raise ConfigError(f"disk_dir {base} does not exist or is not a directory: create it, or point "
-                              "--disk-dir (KVBM_DISK_DIR) at a directory on local disk")
-        base.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = base / config.instance
-    try:
-        if not os.access(base, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
-        path.mkdir(mode=0o700, exist_ok=True)
-        probe = path / ".write-probe"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"disk_dir {base} is not writable (uid {os.getuid()}): {e.strerror}") from e
-    return path
 
 
 @dataclasses.dataclass(eq=False)
@@ -176,28 +147,22 @@ class Fetch:
 class DiskTier:
     def __init__(self, config: ServiceConfig, workers: dict[str, WorkerGroup], on_event: Callable[[p.Event], None]):
         self.config = config
-        self.dir = open_disk_dir(config)
+        self.store = G3Store(config)
         self._workers = workers
         self._on_event = on_event
-        self._lock_fd = self._claim()
-        self.io_lock_path = self.dir / IO_LOCK_FILE
-        self._wait_for_old_workers()
         self.admission = AdmissionFilter(config.disk_admit_uses)
-        self._indexes: dict[str, G3Index] = {}  # by namespace fingerprint, attached or not
         self._by_pool: dict[int, _Attached] = {}
         self._staging: dict[tuple[int, bytes], tuple[_Read, int]] = {}
         self._writes_in_flight = 0
         self._closed = False
-        self._open_files()
 
     # ------------------------------------------------------------ hooks
 
     def worker_args(self) -> tuple[str, ...]:
-        return ("--lock", str(self.io_lock_path), "--threads", str(self.config.disk_io_threads))
+        return ("--lock", str(self.store.io_lock_path), "--threads", str(self.config.disk_io_threads))
 
     def attach(self, pool: BlockPool, namespace: Namespace) -> None:
-        fp = namespace.fingerprint
-        index = self._indexes.get(fp) or self._create(namespace)
+        index = self.store.index_for(namespace, {a.index.fingerprint for a in self._by_pool.values()})
         if index is None:
             return
         self._by_pool[pool.pool_id] = _Attached(pool, index, np.full(pool.num_blocks, _NOT_REJECTED))
@@ -287,19 +252,12 @@ class DiskTier:
         return [p.DiskStats(fp, index.path, index.num_slots, index.block_bytes, len(index.entries),
                             index.count(SlotState.WRITING), index.count(SlotState.READING),
                             index.num_free, dict(index.counters))
-                for fp, index in self._indexes.items()]
+                for fp, index in self.store.indexes.items()]
 
     def close(self) -> None:
         """Flush and close the files (the cache stays on disk for the next start)."""
         self._closed = True
-        for index in self._indexes.values():
-            try:
-                index.file.sync()
-            except OSError as e:
-                log.warning("fsync %s: %s", index.path, e)
-            index.file.close()
-        self._indexes.clear()
-        os.close(self._lock_fd)
+        self.store.close()
 
     # ------------------------------------------------------------ write-back
 
@@ -475,129 +433,6 @@ class DiskTier:
             self._on_event(p.BlockRemoved(pool.pool_id, pool.fingerprint, dropped, p.Tier.DISK))
         for fetch in read.waiters:
             fetch._finished(read)
-
-    # ------------------------------------------------------------ files and budget
-
-    def _claim(self) -> int:
-        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ConfigError(f"disk_dir {self.dir} is in use by another coordinator of instance "
-                              f"{self.config.instance!r}; give each its own --disk-dir") from None
-        return fd
-
-    def _wait_for_old_workers(self) -> None:
-        fd = os.open(self.io_lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            deadline = time.monotonic() + _OLD_WORKERS_WAIT_S
-            warned = False
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        log.warning("I/O workers of a previous coordinator still hold %s; going on", self.io_lock_path)
-                        break
-                    if not warned:
-                        log.info("waiting for the I/O workers of a previous coordinator to finish their last job")
-                        warned = True
-                    time.sleep(0.05)
-        finally:
-            os.close(fd)
-
-    def _open_files(self) -> None:
-        found = []
-        for name in sorted(os.listdir(self.dir)):
-            path = self.dir / name
-            if name.endswith(g3.FILE_SUFFIX + ".new"):  # a creation that never finished
-                path.unlink(missing_ok=True)
-                continue
-            parsed = g3.parse_file_name(name)
-            if parsed is None:
-                continue
-            version, fp = parsed
-            if version != g3.FORMAT_VERSION:
-                log.info("ignoring %s: G3 format %d, this build uses %d", path, version, g3.FORMAT_VERSION)
-                continue
-            try:
-                f = g3.BlockFile.open(path)
-                ns = msgspec.msgpack.decode(f.namespace, type=Namespace)
-                if f.fingerprint != fp or ns.fingerprint != fp:
-                    f.close()
-                    raise CorruptionError("its header names another namespace")
-            except (KvbmError, OSError, msgspec.MsgspecError) as e:
-                log.warning("removing unusable G3 file %s: %s", path, e)
-                path.unlink(missing_ok=True)
-                continue
-            found.append((path.stat().st_mtime, f, ns))
-        used = 0
-        for _, f, ns in sorted(found, key=lambda t: t[0], reverse=True):
-            want = self._slots_for(ns, used)
-            if want < 1:
-                log.warning("removing G3 file %s: it does not fit into disk_cache_gb=%g", f.path,
-                            self.config.disk_cache_gb)
-                f.close()
-                f.path.unlink(missing_ok=True)
-                continue
-            if want != f.num_slots:
-                log.info("resizing G3 file %s from %d to %d slots to fit disk_cache_gb=%g", f.path, f.num_slots,
-                         want, self.config.disk_cache_gb)
-                self._warn_if_sparse(f, f.resize(want))
-            index = G3Index(f)
-            t0 = time.monotonic()
-            n = index.recover()
-            log.info("G3 file %s (%s): %d blocks found in %d slots in %.2f s", f.path, ns.model, n, f.num_slots,
-                     time.monotonic() - t0)
-            self._indexes[ns.fingerprint] = index
-            used += f.size_bytes()
-
-    def _create(self, ns: Namespace) -> G3Index | None:
-        want = self._slots_for(ns, self._used_bytes())
-        attached = {a.index.fingerprint for a in self._by_pool.values()}
-        idle = sorted((fp for fp in self._indexes if fp not in attached),
-                      key=lambda fp: self._indexes[fp].file.path.stat().st_mtime)
-        while want < 1 and idle:
-            index = self._indexes.pop(idle.pop(0))
-            log.info("removing G3 file %s (no pool uses it) to make room for %s", index.path, ns.model)
-            index.file.close()
-            index.file.path.unlink(missing_ok=True)
-            want = self._slots_for(ns, self._used_bytes())
-        if want < 1:
-            log.warning("no G3 for %s: disk_cache_gb=%g is taken by other namespaces", ns.model,
-                        self.config.disk_cache_gb)
-            return None
-        path = self.dir / g3.file_name(ns.fingerprint)
-        try:
-            f, allocated = g3.BlockFile.create(path, fingerprint=ns.fingerprint, namespace=msgspec.msgpack.encode(ns),
-                                               block_bytes=ns.kv.block_bytes, num_slots=want)
-        except OSError as e:
-            log.error("no G3 for %s: cannot create %s: %s", ns.model, path, e)
-            return None
-        self._warn_if_sparse(f, allocated)
-        log.info("created G3 file %s for %s: %d slots of %d bytes (%.1f MiB)", path, ns.model, want,
-                 f.slot_bytes, f.size_bytes() / 2**20)
-        index = self._indexes[ns.fingerprint] = G3Index(f)
-        return index
-
-    def _slots_for(self, ns: Namespace, used_bytes: int) -> int:
-        budget = self.config.disk_cache_bytes
-        return g3.slots_for(min(budget // ns.tp_size, budget - used_bytes), ns.kv.block_bytes)
-
-    def _used_bytes(self) -> int:
-        return sum(index.file.size_bytes() for index in self._indexes.values())
-
-    @staticmethod
-    def _warn_if_sparse(f: g3.BlockFile, allocated: bool) -> None:
-        if not allocated:
-            free = os.statvfs(f.path.parent)
-            log.warning("the filesystem of %s has %.1f MiB free, less than the %.1f MiB asked: the G3 file is "
-                        "sparse, and writes to slots the disk cannot hold fail with ENOSPC (counted as "
-                        "no_space_blocks; those blocks stay in G2)", f.path, free.f_bavail * free.f_frsize / 2**20,
-                        f.size_bytes() / 2**20)
-
 
 def _failures(fut: concurrent.futures.Future, n: int, what: str, path: str) -> dict[int, int]:
     """Position -> errno of every block of a finished job that did not complete (0: the job was
