@@ -2,17 +2,21 @@
 file, and a hand-written worker group whose jobs the test runs (through the real I/O worker
 handler) or loses, one at a time. Concurrency that a multiprocess test can only hope to hit is
 stepped through here: two lookups wanting the same block from disk, a read lost with its worker,
-G3 evicting a block that G2 still holds."""
+G3 evicting a block that G2 still holds, a disk that fills up (simulated with a file size limit,
+so it runs without root; tests/test_disk_tier.py uses a real tiny tmpfs where it may mount one)."""
 
 import concurrent.futures
+import resource
 import uuid
 
 import numpy as np
 import pytest
 
+from kvbm_shm import g3
 from kvbm_shm import protocol as p
 from kvbm_shm.config import ServiceConfig
 from kvbm_shm.control.disk_tier import WORKER_KIND, DiskTier
+from kvbm_shm.control.g3_index import SlotState
 from kvbm_shm.control.pool import BlockPool
 from kvbm_shm.errors import ErrorCode, KvbmError
 from kvbm_shm.kernels import cpu_copy
@@ -179,3 +183,25 @@ def test_a_block_whose_g2_bytes_rotted_is_not_written_and_is_invalidated(tier):
     d = disk.stats()[0]
     assert d.stored == 0 and d.counters["bad_g2_blocks"] == 1
     assert pool.state_of(b) == BlockState.RESET and pool.lookup([h(0)]) == []
+
+
+def test_a_full_disk_retires_slots_and_keeps_the_blocks_in_g2(tier):
+    """Disk full without a tiny filesystem: a file size limit (RLIMIT_FSIZE) makes the kernel
+    refuse writes past slot 1 (EFBIG, handled as ENOSPC is), in this very process."""
+    disk, pool, workers, _ = tier(pool_blocks=8, disk_slots=8, disk_write_through=True)
+    ids = store(pool, disk, [h(i) for i in range(4)])
+    index = disk.store.indexes[NS.fingerprint]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (g3.slot_offset(2, index.file.slot_bytes), hard))
+    try:
+        workers.run_all()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    d = disk.stats()[0]
+    assert (d.counters["written_blocks"], d.counters["no_space_blocks"], d.stored) == (2, 2, 2)
+    assert [SlotState(int(s)) for s in index.state[:4]] == [SlotState.STORED] * 2 + [SlotState.RETIRED] * 2
+    assert [int(pool.table["tier"][b]) for b in ids] == [p.Tier.DISK] * 2 + [p.Tier.CPU] * 2  # still dirty
+    assert pool.lookup([h(i) for i in range(4)]) == ids  # and still served from G2
+    store(pool, disk, [h(9)], seed=3)  # the next write takes a slot the disk has room for
+    workers.run_all()
+    assert disk.stats()[0].stored == 3
