@@ -140,7 +140,7 @@ class Fetch:
         """`read` is done: pin what it staged for this fetch before anything can evict it."""
         self._pin([read.blocks[i] for _, r, i in self._steps if r is read and read.ok[i]])
         self._waiting.discard(id(read))
-        if not self._waiting:
+        if not self._waiting and not self.future.done():  # done: cancelled by a shutting-down server
             self.future.set_result(None)
 
 
