@@ -58,7 +58,7 @@ class ServiceConfig:
     disk_io_threads: int = 4  # blocks in flight per I/O worker
     disk_write_through: bool = False  # write every committed block to G3 at once (default: write-back)
     disk_admit_uses: int = 2  # recent uses (stores, hits) before write-back takes a block to G3; 1: all
-    disk_low_watermark: float = 0.25  # write back when a pool's free+clean blocks fall under this share (<=1024)
+    disk_low_watermark: float = 0.25  # write back when free+clean blocks fall under this share of a pool
 
     def __post_init__(self) -> None:
         check_instance(self.instance)

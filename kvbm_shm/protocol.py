@@ -477,7 +477,7 @@ class JobDone(msgspec.Struct, tag="done", array_like=True):
     error: str = ""
     failed: list[int] = []  # positions within the job's batch that did not complete
     nbytes: int = 0  # bytes moved
-    checksums: list[int] = []  # offload: xxh3-64 of each written G2 block, in the job's order
+    checksums: list[int] = []  # in the job's order: offload, each written G2 block's checksum; DiskWrite, see there
     errnos: list[int] = []  # per entry of `failed`, when known: why (EBADMSG: the bytes failed verification)
 
 
