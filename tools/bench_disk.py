@@ -41,6 +41,7 @@ import zmq
 
 from kvbm_shm import Client, EngineLayout, KvLayout, Namespace, g3, protocol as p, runtime
 from kvbm_shm.config import default_disk_dir
+from kvbm_shm.control.disk_tier import MAX_WINDOW
 from kvbm_shm.hashing import sequence_hashes
 from kvbm_shm.shm import PAGE, PoolSegment
 
@@ -84,10 +85,12 @@ class Coordinator:
                 self.proc.wait()
 
 
-def wait_written(events: zmq.Socket, n: int) -> None:
+def wait_written(events: zmq.Socket, n: int, timeout_s: float = 300) -> None:
     """Until the coordinator has announced n blocks stored on disk (KV events: no polling load)."""
     seen = 0
     while seen < n:
+        if not events.poll(timeout_s * 1000):
+            raise RuntimeError(f"only {seen} of {n} blocks were written back within {timeout_s} s")
         batch = p.decode_events(events.recv_multipart())
         seen += sum(len(e.hashes) for e in batch.events if isinstance(e, p.BlockStored) and e.tier == p.Tier.DISK)
 
@@ -166,6 +169,9 @@ def one_round(args: argparse.Namespace, engine: Engine, work: Path, run_dir: Pat
 def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
     block_bytes = args.block_kib * 1024
     n = int(args.gib * 2**30) // block_bytes
+    if n > MAX_WINDOW:
+        raise SystemExit(f"{n} blocks: write-back looks at most {MAX_WINDOW} blocks ahead of eviction; "
+                         "use larger --block-kib or a smaller --gib")
     engine = Engine(n, block_bytes)
     rounds = []
     for r in range(args.rounds):

@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 WORKER_KIND = "disk"
 WORKER_MODULE = "kvbm_shm.workers.disk_io"
 _JOB_BYTES = 32 << 20  # bytes per job: large enough to keep a worker's threads busy
-_MAX_WINDOW = 1024  # blocks ahead of eviction that write-back looks at, at most
+MAX_WINDOW = 1024  # blocks ahead of eviction that write-back looks at, at most
 _NOT_REJECTED = np.uint64(2**64 - 1)
 
 
@@ -280,7 +280,7 @@ class DiskTier:
                         and pool.table["tier"][b] == p.Tier.CPU):
                     picked.append(b)
         else:
-            window = min(max(1, int(self.config.disk_low_watermark * pool.num_blocks)), _MAX_WINDOW)
+            window = min(max(1, int(self.config.disk_low_watermark * pool.num_blocks)), MAX_WINDOW)
             need = window - pool.num_free - attached.writing
             if need <= 0:
                 return
