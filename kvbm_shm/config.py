@@ -54,6 +54,11 @@ class ServiceConfig:
     disk_dir: Path = dataclasses.field(default_factory=default_disk_dir)
     metrics_port: int = 0  # Prometheus endpoint; 0 turns it off
     transfer_workers: int = 1  # G1 <-> G2 transfer worker processes; 0: only engine-driven copies
+    disk_io_workers: int = 2  # NVMe I/O worker processes (with the disk tier on)
+    disk_io_threads: int = 4  # blocks in flight per I/O worker
+    disk_write_through: bool = False  # write every committed block to G3 at once (default: write-back)
+    disk_admit_uses: int = 2  # recent uses (stores, hits) before write-back takes a block to G3; 1: all
+    disk_low_watermark: float = 0.25  # write back when free+clean blocks fall under this share of a pool
 
     def __post_init__(self) -> None:
         check_instance(self.instance)
@@ -65,6 +70,13 @@ class ServiceConfig:
             raise ConfigError(f"disk_cache_gb must not be negative, got {self.disk_cache_gb}")
         if self.transfer_workers < 0:
             raise ConfigError(f"transfer_workers must not be negative, got {self.transfer_workers}")
+        if self.disk_io_workers < 1 or self.disk_io_threads < 1:
+            raise ConfigError(f"disk_io_workers and disk_io_threads must be at least 1, got "
+                              f"{self.disk_io_workers} and {self.disk_io_threads}")
+        if self.disk_admit_uses < 1:
+            raise ConfigError(f"disk_admit_uses must be at least 1, got {self.disk_admit_uses}")
+        if not 0 < self.disk_low_watermark <= 1:
+            raise ConfigError(f"disk_low_watermark must be in (0, 1], got {self.disk_low_watermark}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
 

@@ -215,6 +215,20 @@ class ClientInfo(msgspec.Struct):
     expires_in_ms: int
 
 
+class DiskStats(msgspec.Struct):
+    """One namespace's G3 file."""
+
+    fingerprint: str
+    path: str
+    num_slots: int
+    block_bytes: int
+    stored: int  # blocks on disk and servable
+    writing: int
+    reading: int
+    free: int
+    counters: dict[str, int]
+
+
 class StatsReply(_Reply, tag="stats"):
     instance: str
     instance_id: str
@@ -225,6 +239,7 @@ class StatsReply(_Reply, tag="stats"):
     pools: list[PoolStats]
     clients: list[ClientInfo]
     counters: dict[str, int]
+    disks: list[DiskStats] = []  # G3 files, one per namespace that has one
 
 
 Reply = Union[ErrorReply, OkReply, HelloReply, PoolReply, LookupReply, AllocateReply, StatsReply]
@@ -464,7 +479,8 @@ class JobDone(msgspec.Struct, tag="done", array_like=True):
     error: str = ""
     failed: list[int] = []  # positions within the job's batch that did not complete
     nbytes: int = 0  # bytes moved
-    checksums: list[int] = []  # offload: xxh3-64 of each written G2 block, in the job's order
+    checksums: list[int] = []  # in the job's order: offload, each written G2 block's checksum; DiskWrite, see there
+    errnos: list[int] = []  # per entry of `failed`, when known: why (EBADMSG: the bytes failed verification)
 
 
 class _Job(msgspec.Struct, tag_field="job", array_like=True):
@@ -500,3 +516,36 @@ class CloseDevice(_Job, tag="close_device"):
 
 
 TransferWorkerJob = Union[TransferJob, CloseDevice]
+
+
+class _DiskJob(_Job):
+    """Blocks of the G2 pool segment `segment` and slots of the G3 file `path` (`g3` format), pairwise."""
+
+    segment: str
+    segment_id: str  # the worker re-attaches when the coordinator recreated the segment
+    path: str
+    fingerprint: str
+    block_ids: list[int]
+    slots: list[int]
+    hashes: list[bytes]
+    generations: list[int]
+
+
+class DiskWrite(_DiskJob, tag="disk_write"):
+    """G2 -> G3: write each block with its slot header in one pwritev. A block whose bytes do not
+    match its G2 checksum is not written (EBADMSG). `JobDone.checksums`: the xxh3-64 of each
+    block's bytes, as its slot header holds it (0 for a block not written)."""
+
+    g2_checksums: list[int]  # each block's checksum in the G2 block table
+    priorities: list[int]
+
+
+class DiskRead(_DiskJob, tag="disk_read"):
+    """G3 -> G2: read each slot into its block, then verify the slot header (namespace, hash,
+    generation, checksum) and the bytes. A block that fails (EBADMSG; ENODATA: the file is cut
+    short) holds garbage and must not be registered."""
+
+    checksums: list[int]  # the xxh3-64 each slot header must hold, and its bytes hash to
+
+
+DiskJob = Union[DiskWrite, DiskRead]

@@ -1,5 +1,6 @@
 """The block state machine of one pool, against exact state in the shm block table."""
 
+import time
 import uuid
 
 import numpy as np
@@ -123,3 +124,19 @@ def test_recover_keeps_registered_blocks_drops_the_rest(make_pool):
     assert fresh.recover() == 2
     assert fresh.lookup([h(1), h(2)]) == ids
     assert fresh.stats() == {"free": 2, "partial": 0, "registered": 2, "pinned": 0, "inactive": 2}
+
+
+def test_eviction_order_and_unpin_cold_for_background_copies(make_pool):
+    pool, _ = make_pool(num_blocks=4)
+    ids = store(pool, [h(1), h(2), h(3), h(4)])
+    assert pool.eviction_order(10) == ids and pool.eviction_order(2) == ids[:2]
+    pinned_ns = time.monotonic_ns()
+    pool.pin(ids[:2], 0)  # a write-back copies h1 and h2
+    assert pool.eviction_order(10) == ids[2:]
+    pool.lookup([h(2)])  # h2 is used meanwhile
+    pool.unpin_cold(ids[:2], pinned_ns)
+    assert pool.eviction_order(10) == [ids[0], ids[2], ids[3], ids[1]]  # h1 back in front, h2 most recent
+    pool.set_tier([ids[0]], p.Tier.DISK)
+    assert int(pool.table["tier"][ids[0]]) == p.Tier.DISK and pool.hash_of(ids[0]) == h(1)
+    assert pool.allocate([h(9)], 1) == [ids[0]]
+    assert pool.num_free == 0

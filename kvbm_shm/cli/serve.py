@@ -24,6 +24,9 @@ def add_parser(sub) -> None:
     p.add_argument("--lease-ms", type=int, help="client lease in ms (default 5000)")
     p.add_argument("--disk-cache-gb", type=float, help="G3 disk budget in GiB (default 0: off)")
     p.add_argument("--disk-dir", help="G3 directory (default ~/.cache/kvbm-shm)")
+    p.add_argument("--disk-io-workers", type=int, help="NVMe I/O worker processes (default 2)")
+    p.add_argument("--disk-write-through", action="store_true", default=None,
+                   help="write every stored block to disk at once (default: write-back with admission)")
     p.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 0: off)")
     p.add_argument("--transfer-workers", type=int, help="G1<->G2 transfer worker processes (default 1)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in ("instance", "cpu_cache_gb", "runtime_dir", "lease_ms",
                                                "disk_cache_gb", "disk_dir", "metrics_port", "log_level",
-                                               "transfer_workers")}
+                                               "transfer_workers", "disk_io_workers", "disk_write_through")}
     config = ServiceConfig.load(args.config, overrides=overrides)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -45,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     def ready(server) -> None:
         print(f"kvbm-shm coordinator for instance {config.instance!r} (pid {os.getpid()})\n"
               f"  endpoint {server.endpoint}\n  events   {server.events_endpoint}\n"
-              f"  cpu cache {config.cpu_cache_gb:g} GiB; Ctrl-C stops", flush=True)
+              f"  cpu cache {config.cpu_cache_gb:g} GiB"
+              + (f"; disk cache {config.disk_cache_gb:g} GiB in {config.disk_dir}" if config.disk_cache_gb else "")
+              + "; Ctrl-C stops", flush=True)
 
     def status(stats) -> None:
         blocks = sum(p.num_blocks for p in stats.pools)

@@ -10,6 +10,8 @@ whole before any of it is applied.
 `sweep()` ends leases that expired or whose process died, dropping their pins and freeing their
 unfinished blocks. `take_events()` hands over the KV events produced since the last call.
 `recover()` adopts the pools a dead coordinator of the same instance left in /dev/shm.
+`open_disk_tier()` turns on G3 (`disk_tier`): then a Lookup that continues on disk is a
+`Deferred` answered once the blocks are staged into G2 and verified.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..errors import CapacityError, ErrorCode, KvbmError, RequestError
 from ..layout import Namespace
 from ..shm import PoolSegment, list_segments, unlink
 from .devices import DeviceTier
+from .disk_tier import DiskTier, Fetch
 from .leases import Lease, LeaseTable
 from .pool import BlockPool
 from .supervisor import WorkerGroup
@@ -63,6 +66,7 @@ class Coordinator:
         self._reserved_bytes = 0
         self._events: list[p.Event] = []
         self.counters: Counter = Counter()
+        self.disk: DiskTier | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvbm-pool-create")
         self._handlers = {
             p.Hello: self._hello, p.RegisterLayout: self._register_layout, p.Lookup: self._lookup,
@@ -103,7 +107,14 @@ class Coordinator:
             self._end_lease(lease)
             self.counters["expired_leases"] += 1
         self.devices.sweep(time.monotonic() if now is None else now)
+        if self.disk is not None:
+            self.disk.sweep(time.monotonic() if now is None else now)
         return ended
+
+    def open_disk_tier(self) -> DiskTier:
+        """Turn on G3 (before `recover`, so that recovered pools get their files)."""
+        self.disk = DiskTier(self.config, self.workers, self._emit)
+        return self.disk
 
     @property
     def used_bytes(self) -> int:
@@ -168,6 +179,8 @@ class Coordinator:
             unlink(name)
             self._emit(p.PoolCleared(pool.pool_id, pool.fingerprint))
         self.pools.clear()
+        if self.disk is not None:
+            self.disk.close()
 
     # ------------------------------------------------------------ handlers
 
@@ -193,20 +206,38 @@ class Coordinator:
             fut = self._start_pool(m.namespace, m.cache_bytes)
         return Deferred(m.req, fut, lambda done: self._pool_created(m.req, m.namespace, done))
 
-    def _lookup(self, m: p.Lookup) -> p.Reply:
+    def _lookup(self, m: p.Lookup) -> p.Reply | Deferred:
         lease = self.leases.get(m.client_id)
         pool = self._pool(m.pool_id)
         ids = pool.lookup(m.hashes)
+        if self.disk is not None and len(ids) < len(m.hashes):
+            fetch = self.disk.fetch(pool, m.hashes, ids)
+            if fetch is not None:
+                return Deferred(m.req, fetch.future, lambda done: self._fetched(m, pool, fetch))
         if m.pin and ids:
             pool.pin(ids, lease.client_id)
             lease.pins.setdefault(pool.pool_id, Counter()).update(ids)
         return p.LookupReply(m.req, ids, [p.Tier.CPU] * len(ids))
+
+    def _fetched(self, m: p.Lookup, pool: BlockPool, fetch: Fetch) -> p.Reply:
+        """The Lookup's G3 reads are done: answer with the verified prefix."""
+        try:
+            ids, tiers = fetch.result()
+            if m.pin and ids:
+                lease = self.leases.get(m.client_id)
+                pool.pin(ids, lease.client_id)
+                lease.pins.setdefault(pool.pool_id, Counter()).update(ids)
+            return p.LookupReply(m.req, ids, tiers)
+        finally:
+            fetch.release()
 
     def _allocate(self, m: p.Allocate) -> p.Reply:
         lease = self.leases.get(m.client_id)
         pool = self._pool(m.pool_id)
         ids = pool.allocate(m.hashes, lease.client_id)
         lease.pending.setdefault(pool.pool_id, set()).update(b for b in ids if b >= 0)
+        if self.disk is not None:
+            self.disk.allocated(pool, m.hashes)
         return p.AllocateReply(m.req, ids)
 
     def _commit(self, m: p.Commit) -> p.Reply:
@@ -221,6 +252,8 @@ class Coordinator:
         self._check_pending(pool, lease, m.block_ids)
         n = pool.commit(m.block_ids, m.checksums, m.priority)
         lease.pending[pool.pool_id].difference_update(m.block_ids)
+        if self.disk is not None:
+            self.disk.committed(pool, m.block_ids)
         return p.OkReply(m.req, n)
 
     def _release(self, m: p.Release) -> p.Reply:
@@ -286,7 +319,7 @@ class Coordinator:
                                 int((lease.expires_at - now) * 1000)) for lease in self.leases]
         return p.StatsReply(m.req, self.config.instance, self.instance_id, os.getpid(), now - self.started,
                             self.config.cpu_cache_bytes, self.used_bytes, pools, clients,
-                            dict(self.counters))
+                            dict(self.counters), self.disk.stats() if self.disk is not None else [])
 
     # ------------------------------------------------------------ helpers
 
@@ -367,6 +400,8 @@ class Coordinator:
         self._pool_bytes[pool_id] = seg.segment.size
         self._reserved_bytes += seg.segment.size
         self._by_fingerprint[ns.fingerprint] = pool_id
+        if self.disk is not None:
+            self.disk.attach(pool, ns)
         return pool
 
     def _pool_reply(self, req: int, pool_id: int) -> p.PoolReply:

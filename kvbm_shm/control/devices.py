@@ -178,6 +178,8 @@ class DeviceTier:
             raise RequestError(f"priority {m.priority} out of range")
         pool = self._c.pools[device.pool_id]
         ids = pool.allocate(m.hashes, lease.client_id)
+        if self._c.disk is not None:
+            self._c.disk.allocated(pool, m.hashes)
         positions = [i for i, b in enumerate(ids) if b >= 0]
         if not positions:
             return p.TransferReply(m.req, 0, ids)
@@ -252,6 +254,8 @@ class DeviceTier:
                 failed_at = list(range(len(t.g2_ids)))
             else:
                 t.pool.commit(t.g2_ids, done.checksums, t.priority)
+                if self._c.disk is not None:
+                    self._c.disk.committed(t.pool, t.g2_ids)
         else:
             failed_at = list(range(len(t.g2_ids))) if error else list(done.failed)
             bad = [t.g2_ids[i] for i in failed_at] if not error else []

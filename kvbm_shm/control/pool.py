@@ -14,6 +14,9 @@ Contract (each call takes a batch; the caller has already checked ownership and 
   deduplicated (the new block goes back to the free list).
 - `free(ids)`: Partial -> Reset. `invalidate(ids)`: forget Registered blocks (bad bytes); a
   pinned one is freed when its last pin goes.
+- For the disk tier: `eviction_order(n)` (the next blocks `allocate` would evict), `hash_of`,
+  `set_tier(ids, tier)`, and `unpin_cold(ids, pinned_ns)`, which puts a block that a background
+  copy pinned and nobody used meanwhile back at the eviction end rather than the recent end.
 Every registration and removal is reported to `on_event` as a protocol event. Lookups keep the
 request path short: their per-block bookkeeping in shm (last use, hit counts) and all counter
 increments are batched and written by `flush()`, which the server runs every few milliseconds.
@@ -22,6 +25,7 @@ increments are batched and written by `flush()`, which the server runs every few
 from __future__ import annotations
 
 import collections
+import itertools
 import time
 from collections import OrderedDict
 from typing import Callable
@@ -243,6 +247,37 @@ class BlockPool:
         self._write(np.asarray(ids), last_use_ns=time.monotonic_ns())
         self._touch_inactive(ids)
         return len(ids)
+
+    # ------------------------------------------------------------ disk tier
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def hash_of(self, block_id: int) -> bytes | None:
+        return self._hash[block_id]
+
+    def eviction_order(self, limit: int) -> list[int]:
+        """The next `limit` (or fewer) Registered blocks `allocate` would evict, first first."""
+        out: list[int] = []
+        for prio in sorted(p for p, d in self._inactive.items() if d):
+            out.extend(itertools.islice(self._inactive[prio], limit - len(out)))
+            if len(out) >= limit:
+                break
+        return out
+
+    def set_tier(self, ids: list[int], tier: int) -> None:
+        self._write(ids, tier=tier)
+
+    def unpin_cold(self, ids: list[int], pinned_ns: int) -> None:
+        """`unpin` for blocks pinned by a background copy at `pinned_ns` (monotonic): a block
+        nobody used since goes back to the eviction end of its priority, not the recent end."""
+        self.flush()  # last use must include the lookups not yet written
+        self.unpin(ids)
+        t = self.table
+        for b in dict.fromkeys(reversed(ids)):  # the first of `ids` ends up first in line
+            if t["refcount"][b] == 0 and t["state"][b] == BlockState.REGISTERED and t["last_use_ns"][b] <= pinned_ns:
+                self._inactive[int(t["priority"][b])].move_to_end(b, last=False)
 
     # ------------------------------------------------------------ internals
 

@@ -25,6 +25,7 @@ from .. import runtime
 from ..config import ServiceConfig
 from ..errors import CapacityError, ErrorCode, KvbmError
 from ..shm import shm_free_bytes
+from . import disk_tier
 from .coordinator import Coordinator, Deferred
 from .devices import WORKER_KIND as TRANSFER_WORKERS
 from .metrics import Metrics
@@ -56,6 +57,11 @@ class Server:
             if config.transfer_workers:
                 self.workers[TRANSFER_WORKERS] = WorkerGroup(
                     TRANSFER_WORKERS, "kvbm_shm.workers.transfer", config.transfer_workers, self.dir, self.ctx)
+            if config.disk_cache_gb > 0:
+                disk = self.coordinator.open_disk_tier()
+                self.workers[disk_tier.WORKER_KIND] = WorkerGroup(
+                    disk_tier.WORKER_KIND, disk_tier.WORKER_MODULE, config.disk_io_workers, self.dir, self.ctx,
+                    disk.worker_args())
             self.coordinator.recover()
             self._check_shm_room()
             for s in (self.router, self.pub):

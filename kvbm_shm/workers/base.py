@@ -5,7 +5,8 @@
 `handle(job)` and sends back its `JobDone`. An exception in `handle` becomes
 `JobDone(ok=False, error=...)`: the worker keeps serving. The loop ends on SIGTERM or as soon as
 its parent is no longer `coordinator_pid` (the coordinator died, even before the worker got
-this far: the pid comes on the command line, not from `getppid()` at start-up).
+this far: the pid comes on the command line, not from `getppid()` at start-up), or when a
+send has waited a second for a coordinator that is gone (a DEALER without a peer blocks forever).
 `worker_main` is the common command line: `--endpoint E --name N --coordinator-pid P` plus
 extra options.
 """
@@ -38,9 +39,10 @@ def serve_jobs(endpoint: str, name: str, job_type, handle: Callable[[p._Job], p.
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, name.encode())
     sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.SNDTIMEO, 1000)  # a DEALER whose peer died would block in send forever
     sock.connect(endpoint)
-    sock.send_multipart(p.encode(p.WorkerReady(name, os.getpid())))
     try:
+        sock.send_multipart(p.encode(p.WorkerReady(name, os.getpid())))
         while not stop and os.getppid() == coordinator_pid:
             if not sock.poll(200):
                 continue
@@ -56,6 +58,8 @@ def serve_jobs(endpoint: str, name: str, job_type, handle: Callable[[p._Job], p.
                 log.exception("worker %s: job %d failed", name, job.job_id)
                 done = p.JobDone(job.job_id, False, f"{type(e).__name__}: {e}")
             sock.send_multipart(p.encode(done))
+    except zmq.Again:
+        log.warning("worker %s: the coordinator is gone (a send timed out)", name)
     finally:
         sock.close()
         ctx.term()

@@ -1,0 +1,224 @@
+"""Disk tier benchmark: write-back and staging of 1 GiB of blocks through the NVMe I/O workers,
+held against dd with O_DIRECT, with the same block size, in the same directory, in the same run.
+
+    python tools/bench_disk.py [--dir DIR] [--gib 1] [--block-kib 2048] [--rounds 3]
+                               [--io-workers 2] [--io-threads 4] [--json]
+
+Each round, on a fresh G3 file:
+1. the limit: `dd if=/dev/zero of=DIR/dd.bin bs=BLOCK count=N oflag=direct`;
+2. write-back: a coordinator (`kvbm-shm serve`, G2 and G3 large enough for N blocks, low
+   watermark 1.0) and this process as the engine. The engine stores N blocks (untimed) and looks
+   them up once, so that they pass admission; one Allocate then starts write-back, and the clock
+   runs until the coordinator reports N blocks written (slot header + block in one pwritev);
+3. the limit: `dd if=DIR/dd.bin of=/dev/null bs=BLOCK iflag=direct`;
+4. staging: the coordinator is stopped (G2 goes, G3 stays) and started again (its G3 index is
+   rebuilt from the slot headers: "restart_s"). One Lookup of the N hashes is timed: every block is
+   read into G2 and verified (slot header, xxh3 of the bytes) before the reply. The engine then
+   loads the N blocks (untimed) and checks them bit for bit against what it stored.
+
+Disk throughput on a shared machine drifts, so dd and the tier alternate, and the summary takes
+the median of the rounds. GB/s count block bytes only (10^9 bytes per second; the 4 KiB slot
+headers are overhead). `ratio_vs_limit` = min(write / dd write, read / dd read); target >= 0.8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import benchlib  # noqa: F401  (puts the repo on sys.path)
+import numpy as np
+import zmq
+
+from kvbm_shm import Client, EngineLayout, KvLayout, Namespace, g3, protocol as p, runtime
+from kvbm_shm.config import default_disk_dir
+from kvbm_shm.control.disk_tier import MAX_WINDOW
+from kvbm_shm.hashing import sequence_hashes
+from kvbm_shm.shm import PAGE, PoolSegment
+
+LAYERS, PAGE_TOKENS = 32, 16  # geometry of the benchmark's blocks: inner dim follows from --block-kib
+
+
+def dd(args: list[str]) -> float:
+    """Run dd; seconds it reports."""
+    out = subprocess.run(["dd", *args], capture_output=True, text=True, check=True).stderr
+    return float(re.search(r"copied, ([0-9.e+-]+) s", out).group(1))
+
+
+class Coordinator:
+    """A `kvbm-shm serve` process of the benchmark's instance."""
+
+    def __init__(self, instance: str, runtime_dir: Path, log_path: Path, args: list[str], env: dict):
+        self.instance_dir = runtime_dir / instance
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "kvbm_shm", "serve", "--instance", instance, "--runtime-dir", str(runtime_dir),
+               *args]
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            info = runtime.read_info(self.instance_dir) if self.instance_dir.exists() else None
+            if info is not None and info.pid == self.proc.pid:
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        self.stop()
+        raise RuntimeError(f"the coordinator did not start:\n{log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def wait_written(events: zmq.Socket, n: int, timeout_s: float = 300) -> None:
+    """Until the coordinator has announced n blocks stored on disk (KV events: no polling load)."""
+    seen = 0
+    while seen < n:
+        if not events.poll(timeout_s * 1000):
+            raise RuntimeError(f"only {seen} of {n} blocks were written back within {timeout_s} s")
+        batch = p.decode_events(events.recv_multipart())
+        seen += sum(len(e.hashes) for e in batch.events if isinstance(e, p.BlockStored) and e.tier == p.Tier.DISK)
+
+
+class Engine:
+    """This process as the engine: N random blocks in one block-major tensor."""
+
+    def __init__(self, num_blocks: int, block_bytes: int):
+        inner, rest = divmod(block_bytes, LAYERS * 2 * PAGE_TOKENS * 2)
+        if rest or inner < 1:
+            raise SystemExit(f"--block-kib must be a multiple of {LAYERS * 2 * PAGE_TOKENS * 2 // 1024}")
+        shape = (num_blocks, LAYERS, 2, PAGE_TOKENS, inner)
+        self.kv = np.random.default_rng(0).integers(0, 2**16, shape, np.uint16).view(np.float16)
+        self.namespace = Namespace("bench-disk", KvLayout(LAYERS, 2, PAGE_TOKENS, inner, "float16"),
+                                   EngineLayout.of([self.kv]))
+        self.hashes = sequence_hashes(np.arange(num_blocks * PAGE_TOKENS) % 50000, PAGE_TOKENS)
+        self.pool_bytes = PoolSegment.size_for(num_blocks + 1, block_bytes) + PAGE  # a spare block: the trigger
+
+
+def one_round(args: argparse.Namespace, engine: Engine, work: Path, run_dir: Path, instance: str) -> dict:
+    n, block_bytes = len(engine.hashes), engine.namespace.kv.block_bytes
+    total = n * block_bytes
+    dd_file = work / "dd.bin"
+    dd_write_s = dd(["if=/dev/zero", f"of={dd_file}", f"bs={block_bytes}", f"count={n}", "oflag=direct"])
+
+    disk_bytes = g3.file_bytes(n, block_bytes) + 2 * PAGE
+    serve_args = ["--cpu-cache-gb", repr(engine.pool_bytes / 2**30 + 0.01), "--disk-cache-gb",
+                  repr(disk_bytes / 2**30), "--disk-dir", str(work), "--disk-io-workers", str(args.io_workers)]
+    env = {"KVBM_DISK_LOW_WATERMARK": "1.0", "KVBM_DISK_IO_THREADS": str(args.io_threads)}
+    log_path = run_dir / f"{instance}.log"
+    coordinator = Coordinator(instance, run_dir, log_path, serve_args, env)
+    try:
+        with Client(instance=instance, runtime_dir=run_dir, timeout_s=120) as client:
+            pool = client.register_layout(engine.namespace, engine.pool_bytes)
+            bound = pool.bind([engine.kv])
+            for start in range(0, n, 64):
+                ids = list(range(start, min(start + 64, n)))
+                client.store(bound, [engine.hashes[i] for i in ids], ids)
+            assert len(client.lookup(pool, engine.hashes)) == n  # the second use: admitted
+            with zmq.Context() as ctx, ctx.socket(zmq.SUB) as events:
+                events.connect(client.events_endpoint)
+                events.subscribe(p.EVENTS_TOPIC)
+                time.sleep(0.2)  # let the subscription reach the publisher
+                trigger = sequence_hashes([1, 2, 3] * PAGE_TOKENS, PAGE_TOKENS)[:1]
+                t0 = time.perf_counter()
+                reply = client.request(p.Allocate(0, client.client_id, pool.pool_id, trigger))
+                wait_written(events, n)
+                write_s = time.perf_counter() - t0
+            client.request(p.Free(0, client.client_id, pool.pool_id, reply.block_ids))
+    finally:
+        coordinator.stop()
+
+    dd_read_s = dd([f"if={dd_file}", "of=/dev/null", f"bs={block_bytes}", "iflag=direct"])
+    dd_file.unlink()
+
+    t0 = time.perf_counter()
+    coordinator = Coordinator(instance, run_dir, log_path, serve_args, env)
+    restart_s = time.perf_counter() - t0
+    try:
+        with Client(instance=instance, runtime_dir=run_dir, timeout_s=120) as client:
+            pool = client.register_layout(engine.namespace, engine.pool_bytes)
+            t0 = time.perf_counter()
+            reply = client.request(p.Lookup(0, client.client_id, pool.pool_id, engine.hashes))
+            read_s = time.perf_counter() - t0
+            assert reply.tiers == [p.Tier.DISK] * n, f"staged {reply.tiers.count(p.Tier.DISK)} of {n}"
+            out = np.zeros_like(engine.kv)
+            loaded = client.load(pool.bind([out]), engine.hashes, list(range(n)))
+            identical = loaded.loaded == n and bool(np.array_equal(out.view(np.uint16), engine.kv.view(np.uint16)))
+    finally:
+        coordinator.stop()
+    return {"dd_write_gbps": total / dd_write_s / 1e9, "write_gbps": total / write_s / 1e9,
+            "dd_read_gbps": total / dd_read_s / 1e9, "read_gbps": total / read_s / 1e9,
+            "restart_s": restart_s, "identical": identical, "direct_io": "refuses O_DIRECT" not in log_path.read_text()}
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    block_bytes = args.block_kib * 1024
+    n = int(args.gib * 2**30) // block_bytes
+    if n > MAX_WINDOW:
+        raise SystemExit(f"{n} blocks: write-back looks at most {MAX_WINDOW} blocks ahead of eviction; "
+                         "use larger --block-kib or a smaller --gib")
+    engine = Engine(n, block_bytes)
+    rounds = []
+    for r in range(args.rounds):
+        work = Path(tempfile.mkdtemp(prefix="kvbm-bench-", dir=args.dir))
+        run_dir = Path(tempfile.mkdtemp(prefix="kvb", dir="/tmp"))  # short: ipc:// paths are limited
+        try:
+            rounds.append({"round": r + 1, **one_round(args, engine, work, run_dir, f"bench{os.getpid()}r{r}")})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
+    med = {k: statistics.median(r[k] for r in rounds)
+           for k in ("dd_write_gbps", "write_gbps", "dd_read_gbps", "read_gbps", "restart_s")}
+    summary = {
+        "dir": args.dir, "block_bytes": block_bytes, "num_blocks": n, "bytes": n * block_bytes,
+        "io_workers": args.io_workers, "io_threads": args.io_threads,
+        "direct_io": all(r["direct_io"] for r in rounds), "identical": all(r["identical"] for r in rounds),
+        **{k: round(v, 3) for k, v in med.items()},
+        "write_ratio": round(med["write_gbps"] / med["dd_write_gbps"], 3),
+        "read_ratio": round(med["read_gbps"] / med["dd_read_gbps"], 3),
+    }
+    summary["ratio_vs_limit"] = min(summary["write_ratio"], summary["read_ratio"])
+    for r in rounds:
+        for k in med:
+            r[k] = round(r[k], 2)
+        del r["direct_io"], r["identical"]
+    return rounds, summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", default=str(default_disk_dir()), help="disk directory (default: the G3 default)")
+    parser.add_argument("--gib", type=float, default=1.0, help="GiB of blocks (default 1)")
+    parser.add_argument("--block-kib", type=int, default=2048, help="block size in KiB (default 2048)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating dd/tier rounds; medians reported")
+    parser.add_argument("--io-workers", type=int, default=2)
+    parser.add_argument("--io-threads", type=int, default=4)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = parser.parse_args()
+    Path(args.dir).mkdir(parents=True, exist_ok=True)
+    rounds, summary = run(args)
+    title = (f"disk tier: {summary['num_blocks']} blocks of {summary['block_bytes'] / 2**20:g} MiB through "
+             f"{args.io_workers} I/O workers x {args.io_threads} threads "
+             f"({'O_DIRECT' if summary['direct_io'] else 'buffered I/O'}) vs dd O_DIRECT, GB/s, in {args.dir}")
+    benchlib.report(title, ["round", "dd_write_gbps", "write_gbps", "dd_read_gbps", "read_gbps", "restart_s"],
+                    rounds, summary, args.json)
+    return 0 if summary["identical"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
