@@ -183,7 +183,7 @@ def test_bad_requests_are_typed_errors(coordinator, instance, runtime_dir):
         with pytest.raises(RequestError) as e:
             client.request(p.Lookup(0, client.client_id, 99, []))
         assert e.value.code == ErrorCode.UNKNOWN_POOL
-        with pytest.raises(RequestError, match="16 bytes"):
+        with pytest.raises(KvbmError, match="length >= 16"):
             client.request(p.Lookup(0, client.client_id, pool.pool_id, [b"short"]))
         with pytest.raises(LeaseError):
             client.request(p.Heartbeat(0, 424242))

@@ -47,7 +47,7 @@ from .. import __version__
 from .. import protocol as p
 from ..errors import ConfigError
 from ..layout import Namespace
-from ..shm import COUNTER_NAMES, BlockState
+from ..shm import BlockState
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class _Collector:
                 blocks.add_metric([*labels, _POOL_TIER, name], int(states[state]))
             pinned.add_metric([*labels, _POOL_TIER], int(np.count_nonzero(pool.table["refcount"])))
             block_bytes.add_metric(labels, seg.block_bytes)
-            values = dict(zip(COUNTER_NAMES, seg.counters.tolist()))
+            values = pool.counters()
             hits.add_metric([*labels, _POOL_TIER], values["hit_blocks"])
             hit_tokens.add_metric([*labels, _POOL_TIER], values["hit_blocks"] * _page_size(seg))
             for name, value in values.items():

@@ -19,7 +19,7 @@ Contract (each call takes a batch; the caller has already checked ownership and 
   copy pinned and nobody used meanwhile back at the eviction end rather than the recent end.
 Every registration and removal is reported to `on_event` as a protocol event. Lookups keep the
 request path short: their per-block bookkeeping in shm (last use, hit counts) and all counter
-increments are batched and written by `flush()`, which the server runs every few milliseconds.
+increments are batched and written by `flush()`, which the server runs once its replies are out.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class BlockPool:
 
     def flush(self) -> None:
         """Write what lookups deferred into the shm table and header: last use, hits, counters.
-        The server calls it every few milliseconds, off the request path."""
+        The server calls it after its replies went out: when idle, and every few ms under load."""
         if self._used:
             idx = np.concatenate([np.asarray(ids, np.int64) for ids in self._used])
             self._used = []
@@ -123,8 +123,9 @@ class BlockPool:
         }
 
     def counters(self) -> dict[str, int]:
-        self.flush()
-        return {name: int(self.segment.counters[i]) for i, name in enumerate(COUNTER_NAMES)}
+        """Counter values including increments not flushed yet; reads only (safe from a scrape thread)."""
+        shared = self.segment.counters.tolist()
+        return {name: int(shared[i]) + pending for i, (name, pending) in enumerate(zip(COUNTER_NAMES, self._counts))}
 
     # ------------------------------------------------------------ pins
 

@@ -34,7 +34,7 @@ from .supervisor import WorkerGroup
 log = logging.getLogger(__name__)
 
 _BATCH = 256  # requests handled per wake-up before events and timers get a turn
-_FLUSH_EVERY_S = 0.01  # deferred pool bookkeeping reaches shm within this
+_FLUSH_EVERY_S = 0.01  # under load, deferred pool bookkeeping reaches shm within this
 
 
 class Server:
@@ -110,8 +110,8 @@ class Server:
             if self._deferred:
                 self._complete_deferred()
             now = time.monotonic()
-            if now >= next_flush:
-                self.coordinator.flush()
+            if now >= next_flush or not self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self.coordinator.flush()  # idle, or due: after the replies went out, not before
                 next_flush = now + _FLUSH_EVERY_S
             if now >= next_sweep:
                 self.coordinator.sweep(now)
