@@ -182,7 +182,7 @@ class _Core:
         g2 = [ids[i] for i in todo]
         dev = [device_block_ids[i] for i in todo]
         try:
-            checksums = yield (lambda: _gather(kv, dev, g2))
+            checksums = yield (lambda: _gather(kv, dev, g2, self.config.copy_threads))
         except BaseException:
             yield p.Free(0, self.client_id, pool.pool_id, g2)
             raise
@@ -198,7 +198,8 @@ class _Core:
         if not ids:
             return LoadResult(0, [], [])
         try:
-            good = yield (lambda: _scatter(kv, device_block_ids[:len(ids)], ids, self.config.verify_checksums))
+            good = yield (lambda: _scatter(kv, device_block_ids[:len(ids)], ids, self.config.verify_checksums,
+                                                 self.config.copy_threads))
         finally:
             yield p.Release(0, self.client_id, pool.pool_id, ids)
         failed = []
@@ -224,15 +225,15 @@ class _Core:
         return reply
 
 
-def _gather(kv: EngineKv, device_ids: list[int], g2_ids: list[int]) -> list[int]:
+def _gather(kv: EngineKv, device_ids: list[int], g2_ids: list[int], threads: int) -> list[int]:
     """Copy device blocks into G2 blocks; their checksums."""
-    return cpu_copy.gather(kv.chunks, device_ids, kv.pool.segment.block_addresses(g2_ids)).tolist()
+    return cpu_copy.gather(kv.chunks, device_ids, kv.pool.segment.block_addresses(g2_ids), threads).tolist()
 
 
-def _scatter(kv: EngineKv, device_ids: Sequence[int], g2_ids: list[int], verify: bool) -> int:
+def _scatter(kv: EngineKv, device_ids: Sequence[int], g2_ids: list[int], verify: bool, threads: int) -> int:
     """Copy G2 blocks into device blocks; returns the length of the prefix whose bytes verified."""
     seg = kv.pool.segment
-    sums = cpu_copy.scatter(kv.chunks, list(device_ids), seg.block_addresses(g2_ids))
+    sums = cpu_copy.scatter(kv.chunks, list(device_ids), seg.block_addresses(g2_ids), threads)
     if not verify:
         return len(g2_ids)
     bad = np.flatnonzero(sums != seg.table["checksum"][np.asarray(g2_ids)])

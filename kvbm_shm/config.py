@@ -120,11 +120,14 @@ class ClientConfig:
     timeout_s: float = 5.0  # deadline of one request
     setup_timeout_s: float = 120.0  # deadline of registering a layout (may create a pool)
     verify_checksums: bool = True  # check every loaded block against its stored checksum
+    copy_threads: int = dataclasses.field(default_factory=lambda: min(4, os.cpu_count() or 1))  # per large copy
 
     def __post_init__(self) -> None:
         check_instance(self.instance)
         if self.timeout_s <= 0:
             raise ConfigError(f"timeout_s must be positive, got {self.timeout_s}")
+        if self.copy_threads < 1:
+            raise ConfigError(f"copy_threads must be at least 1, got {self.copy_threads}")
 
     @property
     def instance_dir(self) -> Path:

@@ -97,3 +97,16 @@ def test_namespace_rejects_inconsistent_geometry():
         ns.validate()
     assert Namespace("m", KvLayout(L, 2, P, H * D, "float32"), EngineLayout.of(tensors), 0, 2).fingerprint != \
         Namespace("m", KvLayout(L, 2, P, H * D, "float32"), EngineLayout.of(tensors), 1, 2).fingerprint
+
+
+def test_large_batches_split_over_threads_give_the_same_bytes_and_sums():
+    tensors = [torch.randn(64, 2, 16, 1024, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    table = EngineLayout.of(tensors).bind(tensors)  # 256 KiB blocks, 64 of them: 16 MiB
+    ids = list(range(63, -1, -1))
+    pools = [np.zeros((64, table.block_bytes), np.uint8) for _ in range(2)]
+    sums = []
+    for pool, threads in zip(pools, (1, 3)):
+        addrs = pool.ctypes.data + np.arange(64, dtype=np.uint64) * np.uint64(table.block_bytes)
+        sums.append(cpu_copy.gather(table, ids, addrs, threads).tolist())
+    assert sums[0] == sums[1] and np.array_equal(pools[0], pools[1])
+    assert sums[0][5] == cpu_copy.checksum(pools[0][5])

@@ -16,6 +16,8 @@ streams stores past the cache (a KV block's destination is not read again soon; 
 read-for-ownership of every destination line is what lets 64 KiB chunk copies approach one
 large memcpy) and sums each block's words while they are in registers, so checksums cost no
 extra pass over memory. Chunks that are contiguous on both sides are merged within a block.
+With `threads > 1`, a batch of 16 MiB or more is split by whole blocks over that many threads:
+one core's copy stays well under the memory bandwidth of the node.
 Without the compiled extension (no C compiler at install) the same results come from a loop of
 `ctypes.memmove` and numpy, about half as fast; a warning says so once.
 No per-token Python, no `index_copy_` (10x slower than per-block copies, see FACTS.md).
@@ -23,6 +25,7 @@ No per-token Python, no `index_copy_` (10x slower than per-block copies, see FAC
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import logging
 
@@ -38,6 +41,7 @@ except ImportError:  # built without a C compiler: correct, slower
     _c = None
 
 _M64 = (1 << 64) - 1
+_PARALLEL_MIN_BYTES = 16 << 20  # smaller batches are not worth a thread hand-off
 
 
 def copy_plan(table: ChunkTable, device_block_ids, g2_block_addrs):
@@ -60,18 +64,18 @@ def copy_plan(table: ChunkTable, device_block_ids, g2_block_addrs):
     return dev.ravel()[starts], g2.ravel()[starts], sizes.astype(np.uint64), block_starts
 
 
-def gather(table: ChunkTable, device_block_ids, g2_block_addrs) -> np.ndarray:
+def gather(table: ChunkTable, device_block_ids, g2_block_addrs, threads: int = 1) -> np.ndarray:
     """Copy device blocks into G2 blocks (same order); returns their checksums (uint64)."""
     _check(table, device_block_ids, g2_block_addrs)
     dev, g2, size, starts = copy_plan(table, device_block_ids, g2_block_addrs)
-    return _copy_and_sum(g2, dev, size, starts, g2_block_addrs, table.block_bytes)
+    return _copy_and_sum(g2, dev, size, starts, g2_block_addrs, table.block_bytes, threads)
 
 
-def scatter(table: ChunkTable, device_block_ids, g2_block_addrs) -> np.ndarray:
+def scatter(table: ChunkTable, device_block_ids, g2_block_addrs, threads: int = 1) -> np.ndarray:
     """Copy G2 blocks into device blocks (same order); returns the checksums of the copied bytes."""
     _check(table, device_block_ids, g2_block_addrs)
     dev, g2, size, starts = copy_plan(table, device_block_ids, g2_block_addrs)
-    return _copy_and_sum(dev, g2, size, starts, g2_block_addrs, table.block_bytes)
+    return _copy_and_sum(dev, g2, size, starts, g2_block_addrs, table.block_bytes, threads)
 
 
 def checksum(block) -> int:
@@ -91,15 +95,38 @@ def copy_batch(dst: np.ndarray, src: np.ndarray, size: np.ndarray) -> None:
         ctypes.memmove(d, s, n)
 
 
-def _copy_and_sum(dst, src, size, starts, g2_block_addrs, block_bytes: int) -> np.ndarray:
+def _copy_and_sum(dst, src, size, starts, g2_block_addrs, block_bytes: int, threads: int) -> np.ndarray:
     sums = np.zeros(len(starts) - 1, np.uint64)
     if _c is not None and not np.any(size % 16):
-        _c.copy_sum_batch(_u64(dst), _u64(src), _u64(size), _u64(starts), sums)
+        nblocks = len(sums)
+        parts = min(threads, nblocks) if nblocks * block_bytes >= _PARALLEL_MIN_BYTES else 1
+        edges = [nblocks * i // parts for i in range(parts + 1)]  # whole blocks per thread
+        jobs = []
+        for a, b in zip(edges, edges[1:]):
+            lo, hi = int(starts[a]), int(starts[b])
+            args = (_u64(dst[lo:hi]), _u64(src[lo:hi]), _u64(size[lo:hi]), _u64(starts[a:b + 1] - starts[a]),
+                    sums[a:b])
+            jobs.append(args)
+        futures = [_executor(parts - 1).submit(_c.copy_sum_batch, *args) for args in jobs[1:]]
+        _c.copy_sum_batch(*jobs[0])
+        for f in futures:
+            f.result()
         return sums
     copy_batch(dst, src, size)
     for i, addr in enumerate(np.asarray(g2_block_addrs, np.uint64).tolist()):
         sums[i] = checksum((ctypes.c_char * block_bytes).from_address(addr))
     return sums
+
+
+def _executor(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """Threads that run parts of a large copy beside the caller's thread (the C copy drops the GIL)."""
+    global _pool
+    if _pool is None or _pool._max_workers < workers:
+        _pool = concurrent.futures.ThreadPoolExecutor(max(workers, 1), thread_name_prefix="kvbm-copy")
+    return _pool
+
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 def _checksum_numpy(data: np.ndarray) -> int:
