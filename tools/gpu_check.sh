@@ -24,6 +24,8 @@ else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 python3 -c "import zmq, msgspec" || { echo "gpu_check: pyzmq/msgspec missing: carry their wheels in .whl/"; exit 2; }
+python3 setup.py -q build_ext --inplace >"$OUT_DIR/build.log" 2>&1 \
+    || echo "gpu_check: the C copy engine did not build (see build.log): host copies use the slow fallback"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT_DIR/gpu.txt"
 python3 -c "import torch, cuda.bindings; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cuda-bindings', cuda.bindings.__version__)" \
