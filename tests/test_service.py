@@ -7,7 +7,6 @@ checks exact state through `stats`; the fixtures assert nothing is left in /dev/
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import msgspec
 import pytest
 import zmq
 
-from kvbm_shm import Client, CoordinatorUnavailable, protocol as p, runtime
+from kvbm_shm import CoordinatorUnavailable, protocol as p, runtime
 from kvbm_shm.errors import CapacityError, ErrorCode, KvbmError, LeaseError, RequestError
 
 from . import engine

@@ -42,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from kvbm_shm.config import ClientConfig  # noqa: E402
 from kvbm_shm.kernels import cpu_copy, cuda_driver  # noqa: E402
 from kvbm_shm.layout import EngineLayout, KvLayout, Namespace, TensorSpec  # noqa: E402
 
@@ -104,8 +105,11 @@ def bench_cpu(gib: float, repeats: int, e2e: bool) -> list[dict]:
                      "chunk_bytes": block // LAYERS, "bytes": nbytes, "gbps": gbps(nbytes, seconds),
                      "limit": "memcpy", "limit_gbps": limit, "ratio_vs_limit": round(memcpy_s / seconds, 3)})
 
-    row("cpu_copy", "offload", best_s(lambda: cpu_copy.gather(table, ids, addrs), repeats))
-    row("cpu_copy", "onboard", best_s(lambda: cpu_copy.scatter(table, ids, addrs), repeats))
+    threads = ClientConfig().copy_threads
+    row("cpu_copy 1 thread", "offload", best_s(lambda: cpu_copy.gather(table, ids, addrs), repeats))
+    row("cpu_copy 1 thread", "onboard", best_s(lambda: cpu_copy.scatter(table, ids, addrs), repeats))
+    row(f"cpu_copy {threads} threads", "offload", best_s(lambda: cpu_copy.gather(table, ids, addrs, threads), repeats))
+    row(f"cpu_copy {threads} threads", "onboard", best_s(lambda: cpu_copy.scatter(table, ids, addrs, threads), repeats))
     g2 = tensors = table = None  # free 2.5 GiB before the end-to-end runs
     if e2e:
         rows += bench_cpu_e2e(ns, n, num_device, repeats, memcpy_s, limit)

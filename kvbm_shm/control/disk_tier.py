@@ -266,6 +266,7 @@ class DiskTier:
         if self._closed or group is None:
             return
         pool, index = attached.pool, attached.index
+        pool.flush()  # admission reads the hit counts lookups have not written yet
         job_blocks = max(1, min(64, _JOB_BYTES // index.file.slot_bytes))
         room = 2 * job_blocks * max(group.alive(), 1) - self._writes_in_flight
         if room <= 0:

@@ -18,8 +18,9 @@ Contract (each call takes a batch; the caller has already checked ownership and 
   `set_tier(ids, tier)`, and `unpin_cold(ids, pinned_ns)`, which puts a block that a background
   copy pinned and nobody used meanwhile back at the eviction end rather than the recent end.
 Every registration and removal is reported to `on_event` as a protocol event. Lookups keep the
-request path short: their per-block bookkeeping in shm (last use, hit counts) and all counter
-increments are batched and written by `flush()`, which the server runs once its replies are out.
+request path short: their per-block bookkeeping in shm (last use, hit counts) and their counters
+are batched and written by `flush()`, which the server runs when idle for a moment; every other
+operation writes its counters at once, so a post-mortem read sees them.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class BlockPool:
         self._inactive: dict[int, OrderedDict[int, None]] = {}  # priority -> blocks, least recent first
         self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))
         self._used: list[list[int]] = []  # lookup hits not yet written to the table (see flush)
-        self._counts = [0] * len(COUNTER_NAMES)  # counter increments not yet in the header
+        self._counts = [0] * len(COUNTER_NAMES)  # lookup counter increments not yet in the header
 
     # ------------------------------------------------------------ recovery
 
@@ -99,7 +100,7 @@ class BlockPool:
 
     def flush(self) -> None:
         """Write what lookups deferred into the shm table and header: last use, hits, counters.
-        The server calls it after its replies went out: when idle, and every few ms under load."""
+        The server calls it when it has been idle for ~2 ms, and every 10 ms under load."""
         if self._used:
             idx = np.concatenate([np.asarray(ids, np.int64) for ids in self._used])
             self._used = []
@@ -337,4 +338,4 @@ class BlockPool:
         t["generation"][idx] += 1
 
     def _count(self, name: str, n: int) -> None:
-        self._counts[_COUNTER[name]] += n
+        self.segment.counters[_COUNTER[name]] += n

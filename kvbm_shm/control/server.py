@@ -34,7 +34,7 @@ from .supervisor import WorkerGroup
 log = logging.getLogger(__name__)
 
 _BATCH = 256  # requests handled per wake-up before events and timers get a turn
-_FLUSH_EVERY_S = 0.01  # under load, deferred pool bookkeeping reaches shm within this
+_FLUSH_EVERY_S = 0.01  # under load, deferred pool bookkeeping reaches shm within this (idle: ~2 ms)
 
 
 class Server:
@@ -100,18 +100,24 @@ class Server:
         groups = {group.socket: group for group in self.workers.values()}
         for sock in groups:
             poller.register(sock, zmq.POLLIN)
+        flush_pending = False
         while not self._stop.is_set():
-            timeout_ms = 2 if self._deferred else 100
-            for sock, _ in poller.poll(timeout_ms):
+            timeout_ms = 2 if self._deferred or flush_pending else 100
+            ready = poller.poll(timeout_ms)
+            for sock, _ in ready:
                 if sock is self.router:
                     self._drain()
+                    flush_pending = True
                 else:
                     groups[sock].on_readable()
             if self._deferred:
                 self._complete_deferred()
             now = time.monotonic()
-            if now >= next_flush or not self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                self.coordinator.flush()  # idle, or due: after the replies went out, not before
+            # deferred pool bookkeeping: once the loop has been idle for a moment (never between a
+            # reply and a client's next request), and every _FLUSH_EVERY_S under load
+            if flush_pending and (not ready or now >= next_flush):
+                self.coordinator.flush()
+                flush_pending = False
                 next_flush = now + _FLUSH_EVERY_S
             if now >= next_sweep:
                 self.coordinator.sweep(now)

@@ -21,6 +21,7 @@ tensors on a GPU use `kernels.cuda_copy`; stand-in (shm) tensors use `kernels.cp
 from __future__ import annotations
 
 import logging
+import os
 
 from .. import protocol as p
 from ..device_ipc import HandleCache, TensorView
@@ -90,8 +91,9 @@ class _AttachedPool:
 
 
 class TransferWorker:
-    def __init__(self, copy_path: str = "auto"):
+    def __init__(self, copy_path: str = "auto", copy_threads: int = 1):
         self.copy_path = copy_path
+        self.copy_threads = copy_threads
         self.handles = HandleCache()
         self.devices: dict[int, ImportedDevice] = {}
         self.pools: dict[str, _AttachedPool] = {}
@@ -132,7 +134,7 @@ class TransferWorker:
             return [], 0
         addrs = pool.segment.block_addresses(g2_ids)
         if not device.on_gpu:
-            sums = cpu_copy.gather(device.table, device_ids, addrs).tolist()
+            sums = cpu_copy.gather(device.table, device_ids, addrs, self.copy_threads).tolist()
         else:
             self._engine(device.device_uuid, pool).gather(device.table, device_ids, addrs)
             sums = [cpu_copy.checksum(pool.segment.block(b)) for b in g2_ids]
@@ -147,7 +149,7 @@ class TransferWorker:
             return [], 0
         seg = pool.segment
         if not device.on_gpu:
-            sums = cpu_copy.scatter(device.table, device_ids, seg.block_addresses(g2_ids)).tolist()
+            sums = cpu_copy.scatter(device.table, device_ids, seg.block_addresses(g2_ids), self.copy_threads).tolist()
             failed = [i for i, (c, e) in enumerate(zip(sums, expected)) if c != e] if expected else []
             return failed, len(g2_ids) * device.table.block_bytes
         failed = [i for i, (b, e) in enumerate(zip(g2_ids, expected)) if cpu_copy.checksum(seg.block(b)) != e]
@@ -186,10 +188,15 @@ class TransferWorker:
 
 
 def main() -> None:
-    args = worker_main(__doc__.split("\n", 1)[0], lambda parser: parser.add_argument(
-        "--copy-path", default="auto", choices=("auto", "kernel", "dma"),
-        help="GPU copy path; auto: the faster one for each transfer's region size, measured at first use"))
-    worker = TransferWorker(args.copy_path)
+    def options(parser) -> None:
+        parser.add_argument("--copy-path", default="auto", choices=("auto", "kernel", "dma"),
+                            help="GPU copy path; auto: the faster one for each transfer's region size, "
+                                 "measured at first use")
+        parser.add_argument("--copy-threads", type=int, default=min(4, os.cpu_count() or 1),
+                            help="threads per large host copy (stand-in engines)")
+
+    args = worker_main(__doc__.split("\n", 1)[0], options)
+    worker = TransferWorker(args.copy_path, args.copy_threads)
     try:
         serve_jobs(args.endpoint, args.name, p.TransferWorkerJob, worker.run, args.coordinator_pid)
     finally:
