@@ -348,11 +348,11 @@ class Client(_Core):
                 if not self._sock.poll(timeout * 1000, zmq.POLLOUT):
                     raise CoordinatorUnavailable(f"no coordinator is listening at {self.endpoint}") from None
                 self._sock.send_multipart(frames, zmq.NOBLOCK)
+            wait_ms = int(timeout * 1000)
             while True:
-                left_ms = int((deadline - time.monotonic()) * 1000)
-                if left_ms != self._rcvtimeo_ms:  # a blocking recv with a deadline: no poll call
-                    self._rcvtimeo_ms = max(left_ms, 0)
-                    self._sock.setsockopt(zmq.RCVTIMEO, self._rcvtimeo_ms)
+                if wait_ms != self._rcvtimeo_ms:  # a blocking recv with a deadline: no poll call
+                    self._rcvtimeo_ms = wait_ms
+                    self._sock.setsockopt(zmq.RCVTIMEO, wait_ms)
                 try:
                     reply = p.decode_reply(self._sock.recv_multipart())
                 except zmq.Again:
@@ -361,6 +361,7 @@ class Client(_Core):
                         ErrorCode.TIMEOUT) from None
                 if reply.req == request.req:
                     return self._check(reply)
+                wait_ms = max(int((deadline - time.monotonic()) * 1000), 0)  # a stale reply: wait the rest
 
 
 class AsyncClient(_Core):
