@@ -32,7 +32,10 @@ PROTOCOL_VERSION = 1
 VERSION_FRAME = b"kvbm/%d" % PROTOCOL_VERSION
 EVENTS_TOPIC = b"kv"
 
-SequenceHash = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]  # checked while decoding
+# Value constraints checked while decoding (in C), so handlers never re-check them by hand.
+SequenceHash = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
+Checksum = Annotated[int, msgspec.Meta(ge=0)]  # a block checksum (msgpack caps it at 2**64 - 1)
+Priority = Annotated[int, msgspec.Meta(ge=-2**15, lt=2**15)]  # eviction priority (int16 in the table)
 
 ALREADY_STORED = -1
 IN_FLIGHT = -2
@@ -93,8 +96,8 @@ class Commit(_Request, tag="commit"):
     client_id: int
     pool_id: int
     block_ids: list[int]
-    checksums: list[int]
-    priority: int = 0
+    checksums: list[Checksum]
+    priority: Priority = 0
 
 
 class Release(_Request, tag="release"):
@@ -119,7 +122,7 @@ class Touch(_Request, tag="touch"):
     client_id: int
     pool_id: int
     hashes: list[SequenceHash]
-    priority: int | None = None
+    priority: Priority | None = None
 
 
 class Invalidate(_Request, tag="invalidate"):
@@ -354,7 +357,7 @@ class Offload(_Request, tag="offload"):
     device_id: int
     hashes: list[SequenceHash]
     device_block_ids: list[int]
-    priority: int = 0
+    priority: Priority = 0
 
 
 class Onboard(_Request, tag="onboard"):

@@ -182,6 +182,11 @@ def test_bad_requests_are_typed_errors(coordinator, instance, runtime_dir):
         with pytest.raises(RequestError) as e:
             client.request(p.Lookup(0, client.client_id, 99, []))
         assert e.value.code == ErrorCode.UNKNOWN_POOL
+        with pytest.raises(KvbmError, match="<= 32767") as e:
+            client.request(p.Touch(0, client.client_id, pool.pool_id, [], 2**15))
+        assert e.value.code == ErrorCode.BAD_REQUEST
+        with pytest.raises(KvbmError, match=">= 0"):
+            client.request(p.Commit(0, client.client_id, pool.pool_id, [1], [-1]))
         with pytest.raises(KvbmError, match="length >= 16"):
             client.request(p.Lookup(0, client.client_id, pool.pool_id, [b"short"]))
         with pytest.raises(LeaseError):

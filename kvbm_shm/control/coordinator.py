@@ -245,10 +245,6 @@ class Coordinator:
         pool = self._pool(m.pool_id)
         if len(m.checksums) != len(m.block_ids):
             raise RequestError(f"{len(m.block_ids)} blocks but {len(m.checksums)} checksums")
-        if any(not 0 <= c < 2**64 for c in m.checksums):
-            raise RequestError("checksums must be unsigned 64-bit integers")
-        if not -2**15 <= m.priority < 2**15:
-            raise RequestError(f"priority {m.priority} out of range")
         self._check_pending(pool, lease, m.block_ids)
         n = pool.commit(m.block_ids, m.checksums, m.priority)
         lease.pending[pool.pool_id].difference_update(m.block_ids)
@@ -283,8 +279,6 @@ class Coordinator:
     def _touch(self, m: p.Touch) -> p.Reply:
         self.leases.get(m.client_id)
         pool = self._pool(m.pool_id)
-        if m.priority is not None and not -2**15 <= m.priority < 2**15:
-            raise RequestError(f"priority {m.priority} out of range")
         return p.OkReply(m.req, pool.touch(m.hashes, m.priority))
 
     def _invalidate(self, m: p.Invalidate) -> p.Reply:

@@ -174,8 +174,6 @@ class DeviceTier:
         lease = self._c.leases.get(m.client_id)
         device = self._device(m.device_id, lease)
         self._check_batch(device, m.hashes, m.device_block_ids)
-        if not -2**15 <= m.priority < 2**15:
-            raise RequestError(f"priority {m.priority} out of range")
         pool = self._c.pools[device.pool_id]
         ids = pool.allocate(m.hashes, lease.client_id)
         if self._c.disk is not None:
