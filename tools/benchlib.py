@@ -7,7 +7,9 @@ object with `--json`, and always carries the physical limit it measured in the s
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import math
 import os
 import platform
 import shutil
@@ -15,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+
 from kvbm_shm import runtime  # noqa: E402
+from kvbm_shm.kernels import cpu_copy  # noqa: E402
 from kvbm_shm.shm import list_segments, unlink  # noqa: E402
 
 
@@ -62,6 +68,45 @@ def coordinator(cpu_cache_gb: float, *extra: str):
         for name in list_segments(f"kvbm-{instance}-"):
             unlink(name)
         shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def best_s(fn, repeats: int, reset=None) -> float:
+    """Fastest of `repeats` timed calls of `fn` (`reset` runs untimed before each)."""
+    best = math.inf
+    for _ in range(repeats):
+        if reset is not None:
+            reset()
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def memcpy_limit(nbytes: int, max_threads: int, repeats: int) -> dict[str, float]:
+    """The copy limit for a product that copies with up to `max_threads` threads: GB/s of copying
+    `nbytes` between pre-faulted buffers, split over 1..max_threads threads (one contiguous slice
+    each), with glibc's memmove and with the copy engine's non-temporal stores (when it is built).
+    Keys say which (`memmove x2`, `non-temporal x1`, ...); the honest limit is the best value."""
+    src, dst = np.ones(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
+    dst[::4096] = 1  # fault every page in before timing
+    kinds = {"memmove": lambda d, s, n: ctypes.memmove(d, s, n)}
+    if cpu_copy._c is not None:
+        kinds["non-temporal"] = lambda d, s, n: cpu_copy._c.copy_batch(*(np.array([v], np.uint64) for v in (d, s, n)))
+    out = {}
+    for kind, copy in kinds.items():
+        for threads in range(1, max_threads + 1):
+            edges = [nbytes * i // threads // 4096 * 4096 for i in range(threads)] + [nbytes]
+            parts = [(dst.ctypes.data + a, src.ctypes.data + a, b - a) for a, b in zip(edges, edges[1:])]
+
+            def copy_all():
+                workers = [threading.Thread(target=copy, args=part) for part in parts]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
+
+            out[f"{kind} x{threads}"] = nbytes / best_s(copy_all, repeats) / 1e9
+    return out
 
 
 def percentile_us(samples_ns, q: float) -> float:
