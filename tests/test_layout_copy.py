@@ -6,6 +6,8 @@ one tensor for all layers. A gather into contiguous blocks followed by a scatter
 device blocks must reproduce the source blocks exactly.
 """
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,12 @@ def test_contiguous_runs_are_merged_within_a_block():
     t1 = EngineLayout.of(block_major).bind(block_major)
     dev, g2, size, starts = cpu_copy.copy_plan(t1, [3, 4], [0, t1.block_bytes])
     assert size.tolist() == [256, 256] and starts.tolist() == [0, 1, 2]  # never across blocks
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler here")
+def test_c_copy_engine_is_built_where_a_compiler_exists():
+    # without it, the C-vs-reference comparison below would compare the reference with itself
+    assert cpu_copy._c is not None, "kvbm_shm.kernels._batch_copy was not built (pip install -e . builds it)"
 
 
 def test_checksum_detects_changes_and_moves():
