@@ -104,8 +104,8 @@ class BlockPool:
         if self._used:
             idx = np.concatenate([np.asarray(ids, np.int64) for ids in self._used])
             self._used = []
-            self._write(np.unique(idx), last_use_ns=time.monotonic_ns())
-            np.add.at(self.table["hits"], idx, 1)
+            used, hits = np.unique(idx, return_counts=True)  # np.add.at on a strided field is ~40x slower
+            self._write(used, last_use_ns=time.monotonic_ns(), hits=self.table["hits"][used] + hits)
         if any(self._counts):
             self.segment.counters[:len(self._counts)] += np.asarray(self._counts, np.uint64)
             self._counts = [0] * len(COUNTER_NAMES)
