@@ -44,8 +44,11 @@ def sequence_hashes(
     if arr.ndim != 1:
         raise ValueError("tokens must be one-dimensional")
     prev = parent if parent is not None else (salt if salt is not None else salt_for())
+    step = page_size * 4
+    data = arr[:len(arr) // page_size * page_size].tobytes()  # one conversion; slicing bytes is cheap
+    digest = xxhash.xxh3_128_digest
     out = []
-    for i in range(len(arr) // page_size):
-        prev = xxhash.xxh3_128_digest(prev + arr[i * page_size:(i + 1) * page_size].tobytes())
+    for offset in range(0, len(data), step):
+        prev = digest(prev + data[offset:offset + step])
         out.append(prev)
     return out
