@@ -71,9 +71,11 @@ r = json.load(open(sys.argv[1]))
 print(r["machine"])
 print(f"{'path':7} {'dir':8} {'block':>7} {'chunk':>7} {'GB/s':>7} {'1 copy':>7} {'ratio':>6}")
 for x in r["rows"]:
-    print(f"{x['path']:7} {x['direction']:8} {x['block_bytes'] >> 10:>6}K {x['chunk_bytes'] >> 10:>6}K "
+    print(f"{x['path']:7} {x['direction']:8} {x['block_bytes'] >> 10:>6}K {x['chunk_bytes']:>7} "
           f"{x['gbps']:>7.2f} {x['limit_gbps']:>7.2f} {x['ratio_vs_limit']:>6.2f}")
-print("import ms:", r.get("import_ms"))
+print("import ms (device initialised first):", r.get("import_ms"))
+if r.get("kernel_unusable"):
+    print("copy kernel UNUSABLE, its rows ran DMA:", r["kernel_unusable"])
 print("calibration (auto path), GB/s:", json.dumps(r.get("calibration")))
 PY
 else
