@@ -423,7 +423,6 @@ class CudaCopyEngine:
         if self.kernel.value is not None:
             check(driver().cuModuleUnload(self.kernel.value[0]), "cuModuleUnload")
             self.kernel.value = None
-            self.kernel.reason = "closed"
 
 
 class _AllocHostRegistration(HostRegistration):
