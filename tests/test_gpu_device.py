@@ -411,6 +411,7 @@ def test_host_registration_from_a_thread_without_a_context_and_unregistration():
     assert "error" not in out, out.get("error")
     assert int(out["ctx"]) == 0, "the new thread already had a context"
     reg = out["reg"]
+    cuda_driver.use_device(ordinal)  # this thread's own context, for the checks below
     cuda_driver.check(drv.cuMemHostGetDevicePointer(address, 0), "cuMemHostGetDevicePointer")
     reg.close()
     reg.close()  # idempotent
