@@ -1,18 +1,26 @@
 """Benchmark: offload (G1 -> G2) and onboard (G2 -> G1) of scattered KV blocks, per copy path.
 
 The engine's KV is one tensor per layer in vLLM's CPU layout `(num_blocks, heads, page, 2*head)`
-(so a block is `layers` chunks, one per tensor); `--gib` of blocks at random device block ids move
-to and from contiguous G2 blocks. Each row is the best of `--repeats` runs, beside the physical
-limit measured in the same run:
+(so a block is `layers` chunks, one per tensor; `geometry` picks heads and page so that every
+block size asked for is the size measured); `--gib` of blocks at random device block ids move to
+and from contiguous G2 blocks. Every block holds distinct bytes; each run checks its results: the
+G2 blocks against the device blocks they came from, and the onboard, which loads into other
+device ids (zeroed first), against the source blocks. Each row is the best of `--repeats` runs,
+beside the physical limit measured in the same run:
 
-- CPU: `cpu_copy` in this process (what engine-driven mode and the stand-in worker run), and end
-  to end through a coordinator: worker-driven (`DeviceKv` mode "worker": protocol + transfer
-  worker + checksums) and engine-driven (mode "engine": `Client.store`/`load`). Limit: one
-  memmove of the same number of bytes (`ratio_vs_limit`; target >= 0.7).
+- CPU: `cpu_copy` in this process (what engine-driven mode and the stand-in worker run) with 1
+  thread and with the copy threads the product uses (`ClientConfig.copy_threads`, the transfer
+  worker's default too), and end to end through a coordinator: worker-driven (`DeviceKv` mode
+  "worker": protocol + transfer worker + checksums) and engine-driven (mode "engine":
+  `Client.store`/`load`). Limit: the best single contiguous copy of the same number of bytes
+  with 1..N threads (N = those copy threads), by glibc memmove and by the C engine's streaming
+  copy (non-temporal stores, the faster of the two where the caches are small), each reported
+  (`memcpy_gbps_by_threads`); `ratio_vs_limit` divides by the best (target >= 0.7).
 - GPU (when one is present, or `--gpu`): the kernel and DMA paths of `kernels.cuda_copy` for
-  several block sizes, beside one large cuMemcpyAsync between pinned host memory and the device
-  (target >= 0.9 for blocks of 256 KiB and more), the calibration the "auto" path uses, and the
-  time another process takes to import a legacy IPC handle and a VMM handle.
+  blocks of 64 KiB to 2 MiB, beside one large cuMemcpyAsync between pinned host memory and the
+  device (target >= 0.9 for blocks of 256 KiB and more), the calibration the "auto" path uses, and
+  the time another process, its device already initialised, takes to import a legacy IPC handle
+  and a VMM handle.
 
 Prints a table; `--json` prints one
 JSON object instead.
@@ -23,6 +31,7 @@ JSON object instead.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import ctypes
 import json
 import math
@@ -46,19 +55,25 @@ from kvbm_shm.config import ClientConfig  # noqa: E402
 from kvbm_shm.kernels import cpu_copy, cuda_driver  # noqa: E402
 from kvbm_shm.layout import EngineLayout, KvLayout, Namespace, TensorSpec  # noqa: E402
 
-LAYERS, HEADS, HEAD_DIM = 32, 8, 128  # fp16: one 2 MiB block = 32 chunks of 64 KiB at page 16
+LAYERS, MAX_HEADS, HEAD_DIM = 32, 8, 128  # fp16: one 2 MiB block = 32 chunks of 64 KiB (8 heads, page 16)
+TOKEN_BYTES_PER_HEAD = 2 * HEAD_DIM * 2  # K and V, fp16
+GPU_BLOCK_KIB = (64, 256, 1024, 2048)
 
 
 def geometry(block_bytes: int, layers: int = LAYERS) -> tuple[int, int]:
-    """(page size, chunk bytes) of an fp16 block of `block_bytes` spread over `layers` tensors."""
+    """(kv heads, page size) of an fp16 block of exactly `block_bytes` over `layers` tensors: up to
+    8 heads, then more tokens per page (64 KiB: 4 heads, page 1; 2 MiB: 8 heads, page 16)."""
     chunk = block_bytes // layers
-    page = max(1, chunk // (HEADS * 2 * HEAD_DIM * 2))
-    return page, page * HEADS * 2 * HEAD_DIM * 2
+    heads = max(1, min(MAX_HEADS, chunk // TOKEN_BYTES_PER_HEAD))
+    page = chunk // (heads * TOKEN_BYTES_PER_HEAD)
+    if chunk * layers != block_bytes or page * heads * TOKEN_BYTES_PER_HEAD != chunk:
+        raise ValueError(f"{block_bytes}-byte blocks cannot be {layers} chunks of whole fp16 tokens")
+    return heads, page
 
 
-def namespace(page: int, layers: int = LAYERS) -> Namespace:
-    spec = TensorSpec((HEADS, page, 2 * HEAD_DIM), 0, "float16")
-    return Namespace("bench", KvLayout(layers, 2, page, HEADS * HEAD_DIM, "float16"), EngineLayout((spec,) * layers))
+def namespace(heads: int, page: int, layers: int = LAYERS) -> Namespace:
+    spec = TensorSpec((heads, page, 2 * HEAD_DIM), 0, "float16")
+    return Namespace("bench", KvLayout(layers, 2, page, heads * HEAD_DIM, "float16"), EngineLayout((spec,) * layers))
 
 
 def best_s(fn, repeats: int) -> float:
@@ -75,48 +90,120 @@ def gbps(nbytes: int, seconds: float) -> float:
     return round(nbytes / seconds / 1e9, 2)
 
 
-def scattered_ids(num_device_blocks: int, n: int, seed: int = 0) -> list[int]:
-    return np.random.default_rng(seed).permutation(num_device_blocks)[:n].tolist()
+def block_ids(num_device_blocks: int, n: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Two disjoint sets of `n` scattered device block ids: offloaded from, onboarded into."""
+    perm = np.random.default_rng(seed).permutation(num_device_blocks)
+    return perm[:n].tolist(), perm[n:2 * n].tolist()
+
+
+def fill_distinct(tensors) -> None:
+    """Every 4-byte word of every block of every tensor a different value (CPU or GPU tensors)."""
+    for layer, t in enumerate(tensors):
+        words = t.view(torch.int32).view(t.shape[0], -1)
+        per_block = words.shape[1]
+        value = torch.arange(per_block, dtype=torch.int64, device=t.device)[None, :] + \
+            torch.arange(t.shape[0], dtype=torch.int64, device=t.device)[:, None] * (per_block * len(tensors))
+        words.copy_((value + layer * per_block).to(torch.int32))
+
+
+def check_offload(tensors, ids: list[int], g2: np.ndarray) -> None:
+    """G2 block i holds the chunks of device block ids[i], layer by layer."""
+    n, chunk = len(ids), g2.nbytes // len(ids) // len(tensors)
+    rows = torch.from_numpy(g2.view(np.uint8)[:n * chunk * len(tensors)].reshape(n, len(tensors), chunk))
+    index = torch.tensor(ids, device=tensors[0].device)
+    for layer, t in enumerate(tensors):
+        want = t.index_select(0, index).reshape(n, -1).view(torch.uint8).cpu()
+        if not torch.equal(rows[:, layer], want):
+            raise AssertionError(f"offload: G2 blocks differ from their device blocks in layer {layer}")
+
+
+def check_onboard(tensors, ids: list[int], other: list[int]) -> None:
+    """Device blocks other[i] hold what ids[i] holds, in every layer (compared as integers)."""
+    a = torch.tensor(ids, device=tensors[0].device)
+    b = torch.tensor(other, device=tensors[0].device)
+    for layer, t in enumerate(tensors):
+        words = t.view(torch.int32)
+        if not torch.equal(words.index_select(0, a), words.index_select(0, b)):
+            raise AssertionError(f"onboard: device blocks differ from the blocks stored, layer {layer}")
+
+
+def clear(tensors, ids: list[int]) -> None:
+    index = torch.tensor(ids, device=tensors[0].device)
+    for t in tensors:
+        t.index_fill_(0, index, 0)
 
 
 # ---------------------------------------------------------------- CPU
 
 
-def bench_cpu(gib: float, repeats: int, e2e: bool) -> list[dict]:
-    page, _ = geometry(2 << 20)
-    ns = namespace(page)
+def _memmove(dst: int, src: int, nbytes: int) -> None:
+    ctypes.memmove(dst, src, nbytes)  # glibc; ctypes drops the GIL
+
+
+def _stream_copy(dst: int, src: int, nbytes: int) -> None:
+    """One contiguous copy through the C engine's copy (non-temporal stores; drops the GIL; a
+    memmove where the engine is not built)."""
+    cpu_copy.copy_batch(np.array([dst], np.uint64), np.array([src], np.uint64), np.array([nbytes], np.uint64))
+
+
+MEMCPY_KINDS = {"memmove": _memmove, "streaming_copy": _stream_copy}
+
+
+def memcpy_seconds(copy, dst: int, src: int, nbytes: int, threads: int, repeats: int) -> float:
+    """Best time of one copy of `nbytes` split evenly (4 KiB aligned) over `threads` threads."""
+    edges = [nbytes * i // threads // 4096 * 4096 for i in range(threads)] + [nbytes]
+    parts = [(dst + a, src + a, b - a) for a, b in zip(edges, edges[1:])]
+    if threads == 1:
+        return best_s(lambda: copy(dst, src, nbytes), repeats)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return best_s(lambda: list(pool.map(lambda part: copy(*part), parts)), repeats)
+
+
+def bench_cpu(gib: float, repeats: int, e2e: bool) -> dict:
+    heads, page = geometry(2 << 20)
+    ns = namespace(heads, page)
     block = ns.kv.block_bytes
     n = int(gib * (1 << 30)) // block
     nbytes = n * block
-    num_device = n * 3 // 2
-    tensors = [torch.ones(num_device, HEADS, page, 2 * HEAD_DIM, dtype=torch.float16) for _ in range(LAYERS)]
-    table = ns.engine_layout.bind(tensors)
+    threads = ClientConfig().copy_threads
     g2 = np.ones(nbytes, np.uint8)  # contiguous G2 blocks, pre-faulted
-    addrs = g2.ctypes.data + np.arange(n, dtype=np.uint64) * np.uint64(block)
-    ids = scattered_ids(num_device, n)
     src = np.ones(nbytes, np.uint8)
-    memcpy_s = best_s(lambda: ctypes.memmove(g2.ctypes.data, src.ctypes.data, nbytes), repeats)
+    memcpy_s = {kind: {k: memcpy_seconds(copy, g2.ctypes.data, src.ctypes.data, nbytes, k, repeats)
+                       for k in range(1, threads + 1)}
+                for kind, copy in MEMCPY_KINDS.items()}
     src = None
-    limit = gbps(nbytes, memcpy_s)
+    limit_s = min(s for by_threads in memcpy_s.values() for s in by_threads.values())
+    limit = {"limit": f"one contiguous copy, best of {'/'.join(memcpy_s)} with 1..{threads} threads",
+             "limit_gbps": gbps(nbytes, limit_s)}
+    num_device = 2 * n
+    tensors = [torch.empty(num_device, heads, page, 2 * HEAD_DIM, dtype=torch.float16) for _ in range(LAYERS)]
+    fill_distinct(tensors)
+    table = ns.engine_layout.bind(tensors)
+    addrs = g2.ctypes.data + np.arange(n, dtype=np.uint64) * np.uint64(block)
+    ids, other = block_ids(num_device, n)
     rows = []
 
     def row(path, direction, seconds):
         rows.append({"device": "cpu", "path": path, "direction": direction, "block_bytes": block,
-                     "chunk_bytes": block // LAYERS, "bytes": nbytes, "gbps": gbps(nbytes, seconds),
-                     "limit": "memcpy", "limit_gbps": limit, "ratio_vs_limit": round(memcpy_s / seconds, 3)})
+                     "chunk_bytes": block // LAYERS, "bytes": nbytes, "gbps": gbps(nbytes, seconds), **limit,
+                     "ratio_vs_limit": round(limit_s / seconds, 3)})
 
-    threads = ClientConfig().copy_threads
-    row("cpu_copy 1 thread", "offload", best_s(lambda: cpu_copy.gather(table, ids, addrs), repeats))
-    row("cpu_copy 1 thread", "onboard", best_s(lambda: cpu_copy.scatter(table, ids, addrs), repeats))
-    row(f"cpu_copy {threads} threads", "offload", best_s(lambda: cpu_copy.gather(table, ids, addrs, threads), repeats))
-    row(f"cpu_copy {threads} threads", "onboard", best_s(lambda: cpu_copy.scatter(table, ids, addrs, threads), repeats))
-    g2 = tensors = table = None  # free 2.5 GiB before the end-to-end runs
+    for k in sorted({1, threads}):
+        name = f"cpu_copy {k} thread{'s' if k > 1 else ''}"
+        g2[:] = 0
+        clear(tensors, other)
+        row(name, "offload", best_s(lambda: cpu_copy.gather(table, ids, addrs, k), repeats))
+        check_offload(tensors, ids, g2)
+        row(name, "onboard", best_s(lambda: cpu_copy.scatter(table, other, addrs, k), repeats))
+        check_onboard(tensors, ids, other)
+    g2 = tensors = table = None  # free the memory before the end-to-end runs
     if e2e:
-        rows += bench_cpu_e2e(ns, n, num_device, repeats, memcpy_s, limit)
-    return rows
+        rows += bench_cpu_e2e(ns, n, repeats, limit_s, limit)
+    return {"rows": rows, "memcpy_gbps_by_threads": {kind: {k: gbps(nbytes, s) for k, s in by_threads.items()}
+                                                     for kind, by_threads in memcpy_s.items()}}
 
 
-def bench_cpu_e2e(ns: Namespace, n: int, num_device: int, repeats: int, memcpy_s: float, limit: float) -> list[dict]:
+def bench_cpu_e2e(ns: Namespace, n: int, repeats: int, limit_s: float, limit: dict) -> list[dict]:
     """The same transfer through a coordinator, worker-driven and engine-driven."""
     from kvbm_shm.client import Client
     from kvbm_shm.device_client import DeviceKv
@@ -127,6 +214,7 @@ def bench_cpu_e2e(ns: Namespace, n: int, num_device: int, repeats: int, memcpy_s
 
     block = ns.kv.block_bytes
     nbytes = n * block
+    num_device = 2 * n
     instance = f"bench{uuid.uuid4().hex[:6]}"
     runtime_dir = Path(tempfile.mkdtemp(prefix="kvb", dir="/tmp"))
     pool_gb = (nbytes * 1.05 + (64 << 20)) / (1 << 30)
@@ -138,9 +226,8 @@ def bench_cpu_e2e(ns: Namespace, n: int, num_device: int, repeats: int, memcpy_s
             kv = StandInKv.create(instance, [(num_device, *t.block_shape) for t in ns.engine_layout.tensors],
                                   torch.float16)
             try:
-                for t in kv.tensors:
-                    t.fill_(1)
-                ids = scattered_ids(num_device, n)
+                fill_distinct(kv.tensors)
+                ids, other = block_ids(num_device, n)
                 for mode in ("worker", "engine"):
                     dev = DeviceKv.register(client, pool, kv.tensors, mode=mode)
                     round_ = iter(range(1_000_000))
@@ -154,15 +241,17 @@ def bench_cpu_e2e(ns: Namespace, n: int, num_device: int, repeats: int, memcpy_s
                         stored.append(batch)
 
                     def onboard():
-                        result = dev.onboard(stored[-1], ids).wait()
-                        assert result.loaded == n, result
+                        result = dev.onboard(stored[-1], other).wait()
+                        assert result.loaded == n and not result.failed, result
 
+                    clear(kv.tensors, other)
                     for direction, fn in (("offload", offload), ("onboard", onboard)):
                         seconds = best_s(fn, repeats)
                         rows.append({"device": "cpu", "path": f"e2e_{mode}_driven", "direction": direction,
                                      "block_bytes": block, "chunk_bytes": block // LAYERS, "bytes": nbytes,
-                                     "gbps": gbps(nbytes, seconds), "limit": "memcpy", "limit_gbps": limit,
-                                     "ratio_vs_limit": round(memcpy_s / seconds, 3)})
+                                     "gbps": gbps(nbytes, seconds), **limit,
+                                     "ratio_vs_limit": round(limit_s / seconds, 3)})
+                    check_onboard(kv.tensors, ids, other)
                     dev.unregister()
             finally:
                 kv.close()
@@ -187,11 +276,12 @@ def bench_gpu(gib: float, repeats: int) -> dict:
     host_map = mmap.mmap(-1, nbytes)
     host = np.frombuffer(host_map, np.uint8)
     host[:] = 1  # first touch before registering
-    reg = HostRegistration(host.ctypes.data, nbytes)
+    reg = HostRegistration(host.ctypes.data, nbytes, ordinal)
     engine.add_host_memory(reg)
     rows = []
     try:
         dev_ref = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        torch.cuda.synchronize()
         stream = cuda_driver.check(drv.cuStreamCreate(int(drv.CUstream_flags.CU_STREAM_NON_BLOCKING)), "cuStreamCreate")
 
         def one_copy(to_host: bool):
@@ -201,28 +291,37 @@ def bench_gpu(gib: float, repeats: int) -> dict:
 
         limits = {True: best_s(lambda: one_copy(True), repeats), False: best_s(lambda: one_copy(False), repeats)}
         dev_ref = None
-        for block_kib in (64, 256, 1024, 4096):
-            page, chunk = geometry(block_kib << 10)
-            ns = namespace(page)
+        for block_kib in GPU_BLOCK_KIB:
+            heads, page = geometry(block_kib << 10)
+            ns = namespace(heads, page)
             block = ns.kv.block_bytes
             n = nbytes // block
-            num_device = n * 3 // 2
-            tensors = [torch.ones(num_device, HEADS, page, 2 * HEAD_DIM, dtype=torch.float16, device="cuda")
+            num_device = 2 * n
+            tensors = [torch.empty(num_device, heads, page, 2 * HEAD_DIM, dtype=torch.float16, device="cuda")
                        for _ in range(LAYERS)]
+            fill_distinct(tensors)
             table = ns.engine_layout.bind(tensors)
-            ids = scattered_ids(num_device, n)
+            ids, other = block_ids(num_device, n)
             addrs = host.ctypes.data + np.arange(n, dtype=np.uint64) * np.uint64(block)
             for path in PATHS:
+                host[:n * block] = 0
+                clear(tensors, other)
+                torch.cuda.synchronize()  # torch's stream is not the engine's: the fills land first
                 for direction, to_host in (("offload", True), ("onboard", False)):
-                    copy = engine.gather if to_host else engine.scatter
-                    seconds = best_s(lambda: copy(table, ids, addrs, path), repeats)
+                    if to_host:
+                        seconds = best_s(lambda: engine.gather(table, ids, addrs, path), repeats)
+                        check_offload(tensors, ids, host[:n * block])
+                    else:
+                        seconds = best_s(lambda: engine.scatter(table, other, addrs, path), repeats)
+                        check_onboard(tensors, ids, other)
                     rows.append({"device": "gpu", "path": path, "direction": direction, "block_bytes": block,
-                                 "chunk_bytes": chunk, "bytes": n * block, "gbps": gbps(n * block, seconds),
+                                 "chunk_bytes": block // LAYERS, "bytes": n * block, "gbps": gbps(n * block, seconds),
                                  "limit": "cuMemcpyAsync 1 copy", "limit_gbps": gbps(nbytes, limits[to_host]),
                                  "ratio_vs_limit": round((limits[to_host] / nbytes) / (seconds / (n * block)), 3)})
             del tensors
             torch.cuda.empty_cache()
         calibration = engine.calibrate()
+        kernel_unusable = engine.kernel.reason
         cuda_driver.check(drv.cuStreamDestroy(stream), "cuStreamDestroy")
     finally:
         engine.remove_host_memory(reg)
@@ -230,11 +329,12 @@ def bench_gpu(gib: float, repeats: int) -> dict:
         engine.close()
         host = None  # drop the view before unmapping
         host_map.close()
-    return {"rows": rows, "calibration": calibration, "import_ms": bench_import()}
+    return {"rows": rows, "calibration": calibration, "kernel_unusable": kernel_unusable, "import_ms": bench_import()}
 
 
 def _import_child(conn) -> None:
-    """Import each handle the parent sends; answer the milliseconds the first open took."""
+    """Import each handle the parent sends; answer the milliseconds the open took, the device (driver,
+    context) initialised beforehand so that only the import is timed."""
     import msgspec
 
     from kvbm_shm import protocol as p
@@ -244,6 +344,7 @@ def _import_child(conn) -> None:
     decoder = msgspec.msgpack.Decoder(p.TensorHandle)
     while (body := conn.recv()) is not None:
         handle = decoder.decode(body)
+        cuda_driver.use_device(cuda_driver.device_by_uuid(handle.memory.device_uuid))
         t0 = time.perf_counter()
         cache.open(handle)
         conn.send(round((time.perf_counter() - t0) * 1e3, 3))
@@ -338,6 +439,10 @@ def print_table(report: dict) -> None:
     for r in report["rows"]:
         print(f"{r['device']:4} {r['path']:22} {r['direction']:8} {r['block_bytes'] >> 10:>7}K "
               f"{r['chunk_bytes'] >> 10:>7}K {r['gbps']:>7.2f} {r['limit_gbps']:>10.2f} {r['ratio_vs_limit']:>6.2f}")
+    if report.get("memcpy_gbps_by_threads"):
+        print("memcpy GB/s by threads (the CPU limit is the best):", json.dumps(report["memcpy_gbps_by_threads"]))
+    if report.get("kernel_unusable"):
+        print("GPU copy kernel unusable, kernel rows ran DMA:", report["kernel_unusable"])
     if report.get("calibration"):
         print("GPU calibration (GB/s by direction, region bytes, path):", json.dumps(report["calibration"]))
     if report.get("import_ms"):
@@ -355,12 +460,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report: dict = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "rows": []}
     if not args.no_cpu:
-        report["rows"] += bench_cpu(args.gib, args.repeats, not args.no_e2e)
+        cpu = bench_cpu(args.gib, args.repeats, not args.no_e2e)
+        report["rows"] += cpu["rows"]
+        report["memcpy_gbps_by_threads"] = cpu["memcpy_gbps_by_threads"]
     if cuda_driver.gpu_available() and torch.cuda.is_available():
         report["machine"] += f", {torch.cuda.get_device_name()}"
         gpu = bench_gpu(args.gib, args.repeats)
         report["rows"] += gpu["rows"]
-        report["calibration"], report["import_ms"] = gpu["calibration"], gpu["import_ms"]
+        for key in ("calibration", "kernel_unusable", "import_ms"):
+            report[key] = gpu[key]
     elif args.gpu:
         print("bench_transfer: --gpu given but no usable GPU", file=sys.stderr)
         return 2

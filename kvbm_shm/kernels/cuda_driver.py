@@ -4,13 +4,15 @@ Runs in every process that touches a GPU (engines exporting handles, transfer wo
 Nothing here imports cuda-python at module import time, so `import kvbm_shm` works with no GPU,
 no driver and no cuda-python; without a driver the first call raises `DeviceError`.
 
-- `driver()` / `nvrtc()`: the `cuda.bindings` modules (older `cuda.cuda` / `cuda.nvrtc` too),
-  with `cuInit` done once.
+- `driver()` / `nvrtc()`: the `cuda.bindings` modules (older `cuda.cuda` / `cuda.nvrtc` too);
+  `driver()` does `cuInit` once, `nvrtc()` needs no driver (NVRTC compiles without a GPU).
 - `gpu_available()`: a driver and at least one GPU are usable (never raises).
 - `check(result, call)`: unwrap cuda-python's `(CUresult, *values)` tuples; a failure raises
   `DeviceError` naming the call and the error.
 - `device_uuid(ordinal)` / `device_by_uuid(uuid)`: devices are named by UUID across processes,
-  never by ordinal (CUDA_VISIBLE_DEVICES may differ between them).
+  never by ordinal (CUDA_VISIBLE_DEVICES may differ between them). The UUID comes from
+  `cuDeviceGetUuid_v2` where the bindings have it (12.x; its v1 gives a MIG instance its parent's
+  UUID); 13.x has only `cuDeviceGetUuid`, which is the v2 call there.
 - `use_device(ordinal)`: make the device's primary context current on this thread (retained
   once per process and kept: the same context PyTorch and the runtime API use).
 - `device_of(address)`: ordinal of the device that holds a device pointer.
@@ -28,7 +30,8 @@ _contexts: dict[int, object] = {}
 
 
 @functools.cache
-def _modules():
+def _bindings():
+    """The driver and NVRTC binding modules, imported (loading no library yet)."""
     try:
         try:
             from cuda.bindings import driver as drv, nvrtc as rtc
@@ -36,21 +39,28 @@ def _modules():
             from cuda import cuda as drv, nvrtc as rtc
     except ImportError as e:
         raise DeviceError(f"cuda-python is not installed ({e}); `pip install cuda-python`") from e
+    return drv, rtc
+
+
+@functools.cache
+def _initialised_driver():
+    drv = _bindings()[0]
     try:
         (err,) = drv.cuInit(0)
     except Exception as e:  # no libcuda: cuda-python raises instead of returning an error code
         raise DeviceError(f"no CUDA driver: {e}") from e
     if err != drv.CUresult.CUDA_SUCCESS:
         raise DeviceError(f"cuInit failed: {_error_text(drv, err)}")
-    return drv, rtc
+    return drv
 
 
 def driver():
-    return _modules()[0]
+    return _initialised_driver()
 
 
 def nvrtc():
-    return _modules()[1]
+    """The NVRTC bindings; libnvrtc itself loads on the first call (a RuntimeError if it is missing)."""
+    return _bindings()[1]
 
 
 def gpu_available() -> bool:
@@ -70,12 +80,11 @@ def check(result, call: str):
     if not isinstance(result, tuple):
         result = (result,)
     err, values = result[0], result[1:]
-    drv = driver()
+    drv, rtc = _bindings()
     if isinstance(err, drv.CUresult):
         ok = err == drv.CUresult.CUDA_SUCCESS
         text = "" if ok else _error_text(drv, err)
     else:  # nvrtcResult
-        rtc = nvrtc()
         ok = err == rtc.nvrtcResult.NVRTC_SUCCESS
         text = "" if ok else getattr(err, "name", str(err))
     if not ok:
@@ -97,7 +106,13 @@ def _error_text(drv, err) -> str:
 def device_uuid(ordinal: int) -> bytes:
     drv = driver()
     dev = check(drv.cuDeviceGet(ordinal), "cuDeviceGet")
-    return bytes(check(drv.cuDeviceGetUuid(dev), "cuDeviceGetUuid").bytes)
+    call = uuid_call(drv)
+    return bytes(check(call(dev), call.__name__).bytes)
+
+
+def uuid_call(drv):
+    """`cuDeviceGetUuid_v2` where the bindings have it (12.x), else `cuDeviceGetUuid` (v2 in 13.x)."""
+    return getattr(drv, "cuDeviceGetUuid_v2", None) or drv.cuDeviceGetUuid
 
 
 def device_by_uuid(uuid: bytes) -> int:

@@ -12,7 +12,10 @@ into protocol handles. Every function needs a GPU and raises `DeviceError` other
   A process opens each handle once (`device_ipc.HandleCache` keeps it).
 - `export_vmm(address, nbytes)` -> `VmmExport`: one POSIX file descriptor per physical
   allocation mapped under the tensor (expandable segments map many), with its place in the
-  range. It needs allocations created with a POSIX fd handle type; the error says so otherwise.
+  range. It needs allocations created with the POSIX fd handle type (alone or combined, e.g.
+  POSIX_FD|FABRIC); `handle_types(props)` reads the raw bit mask (the bindings' enum cannot hold a
+  combination) and `vmm_share_problem(mask)` says what is wrong otherwise (FABRIC-only memory, as
+  recent PyTorch expandable segments may create, is named as such).
   `open_vmm(uuid, pieces, fds)` -> `VmmMapping`: reserves a range, maps every piece at its place,
   grants this device read-write access; `close()` unmaps and frees the range.
 """
@@ -87,6 +90,34 @@ def close_legacy(base: int) -> None:
     check(driver().cuIpcCloseMemHandle(base), "cuIpcCloseMemHandle")
 
 
+# CUmemAllocationProp in C: CUmemAllocationType type; CUmemAllocationHandleType requestedHandleTypes; ...
+_REQUESTED_HANDLE_TYPES_OFFSET = 4
+HANDLE_TYPE_POSIX_FD = 0x1  # CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+HANDLE_TYPE_FABRIC = 0x8  # CU_MEM_HANDLE_TYPE_FABRIC
+
+
+def handle_types(props) -> int:
+    """`requestedHandleTypes` of a `CUmemAllocationProp` as the raw bit mask. The bindings'
+    attribute converts to an enum and raises ValueError for combinations (POSIX_FD|FABRIC = 9)."""
+    return ctypes.c_uint32.from_address(int(props.getPtr()) + _REQUESTED_HANDLE_TYPES_OFFSET).value
+
+
+def vmm_share_problem(mask: int) -> str | None:
+    """Why memory with these requested handle types cannot be exported as a POSIX fd; None if it can."""
+    if mask & HANDLE_TYPE_POSIX_FD:
+        return None
+    if mask & HANDLE_TYPE_FABRIC:
+        return (f"was created with the FABRIC handle type only (requestedHandleTypes={mask:#x}), which "
+                "exports a fabric handle for multi-node NVLink, not the POSIX file descriptor this tier shares VMM "
+                "memory by (recent PyTorch expandable segments try FABRIC first where the driver offers it); "
+                "allocate it with "
+                "CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR (alone or with FABRIC), or use engine-driven mode")
+    return (f"was created without a shareable handle type (requestedHandleTypes={mask:#x}), so it can be shared "
+            "neither by legacy CUDA IPC (cudaMalloc memory only) nor by VMM fd export (needs "
+            "CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, as PyTorch's expandable segments set it); allocate it "
+            "so, or use engine-driven mode")
+
+
 def export_vmm(address: int, nbytes: int) -> VmmExport:
     drv = driver()
     ordinal = device_of(address)
@@ -102,12 +133,9 @@ def export_vmm(address: int, nbytes: int) -> VmmExport:
             try:
                 props = check(drv.cuMemGetAllocationPropertiesFromHandle(handle),
                               "cuMemGetAllocationPropertiesFromHandle")
-                if not int(props.requestedHandleTypes) & int(fd_type):
-                    raise DeviceError(
-                        f"VMM memory at {at:#x} was created without a shareable handle type, so it can be "
-                        "shared neither by legacy CUDA IPC (cudaMalloc memory only) nor by VMM fd export (needs "
-                        "requestedHandleTypes=CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, as PyTorch's "
-                        "expandable segments set it); allocate it so, or use engine-driven mode")
+                problem = vmm_share_problem(handle_types(props))
+                if problem:
+                    raise DeviceError(f"VMM memory at {at:#x} {problem}")
                 fds.append(int(check(drv.cuMemExportToShareableHandle(handle, fd_type, 0),
                                      "cuMemExportToShareableHandle")))
             finally:

@@ -4,24 +4,30 @@
 and a G2 segment registers its own mapping of that segment, and unregisters before unmapping.
 Flags: PORTABLE (every context of the process sees it pinned) | DEVICEMAP (kernels can address
 it; with unified addressing the device address equals the host address, which
-`device_address` confirms rather than assumes).
+`device_offset` confirms rather than assumes).
 
-- `HostRegistration(address, size)`: registers `[address, address + size)`; `device_address(a)`
-  translates a host address inside it; `close()` unregisters (idempotent).
+cuMemHostRegister acts on the calling thread's current context, so registering makes GPU
+`ordinal`'s primary context current first (PORTABLE then extends the pinning to every context).
+
+- `HostRegistration(address, size, ordinal)`: registers `[address, address + size)`;
+  `device_offset` translates host addresses inside it (device address = host address + offset);
+  `close()` unregisters (idempotent).
 """
 
 from __future__ import annotations
 
 import logging
 
-from .cuda_driver import check, driver
+from .cuda_driver import check, driver, use_device
 
 log = logging.getLogger(__name__)
 
 
 class HostRegistration:
-    def __init__(self, address: int, size: int):
+    def __init__(self, address: int, size: int, ordinal: int):
         drv = driver()
+        use_device(ordinal)
+        self.ordinal = ordinal
         flags = drv.CU_MEMHOSTREGISTER_PORTABLE | drv.CU_MEMHOSTREGISTER_DEVICEMAP
         check(drv.cuMemHostRegister(address, size, flags), "cuMemHostRegister")
         self.address = address
@@ -34,13 +40,6 @@ class HostRegistration:
         self._open = True
         log.debug("page-locked %d bytes at %#x", size, address)
 
-    def contains(self, address: int, nbytes: int = 1) -> bool:
-        return self.address <= address and address + nbytes <= self.address + self.size
-
-    def device_address(self, address: int) -> int:
-        assert self.contains(address)
-        return self._device_base + (address - self.address)
-
     @property
     def device_offset(self) -> int:
         """device address - host address, for translating many addresses at once."""
@@ -49,4 +48,5 @@ class HostRegistration:
     def close(self) -> None:
         if self._open:
             self._open = False
+            use_device(self.ordinal)
             check(driver().cuMemHostUnregister(self.address), "cuMemHostUnregister")

@@ -75,7 +75,7 @@ class _AttachedPool:
 
         if self.registration is None:
             seg = self.segment
-            self.registration = HostRegistration(seg.data_address, seg.num_blocks * seg.block_stride)
+            self.registration = HostRegistration(seg.data_address, seg.num_blocks * seg.block_stride, engine.ordinal)
         if engine not in self.engines:
             engine.add_host_memory(self.registration)
             self.engines.append(engine)
