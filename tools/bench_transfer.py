@@ -31,8 +31,6 @@ JSON object instead.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import ctypes
 import json
 import math
 import mmap
@@ -49,8 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+import benchlib  # noqa: E402  (puts the repository on sys.path)
 from kvbm_shm.config import ClientConfig  # noqa: E402
 from kvbm_shm.kernels import cpu_copy, cuda_driver  # noqa: E402
 from kvbm_shm.layout import EngineLayout, KvLayout, Namespace, TensorSpec  # noqa: E402
@@ -136,29 +133,6 @@ def clear(tensors, ids: list[int]) -> None:
 # ---------------------------------------------------------------- CPU
 
 
-def _memmove(dst: int, src: int, nbytes: int) -> None:
-    ctypes.memmove(dst, src, nbytes)  # glibc; ctypes drops the GIL
-
-
-def _stream_copy(dst: int, src: int, nbytes: int) -> None:
-    """One contiguous copy through the C engine's copy (non-temporal stores; drops the GIL; a
-    memmove where the engine is not built)."""
-    cpu_copy.copy_batch(np.array([dst], np.uint64), np.array([src], np.uint64), np.array([nbytes], np.uint64))
-
-
-MEMCPY_KINDS = {"memmove": _memmove, "streaming_copy": _stream_copy}
-
-
-def memcpy_seconds(copy, dst: int, src: int, nbytes: int, threads: int, repeats: int) -> float:
-    """Best time of one copy of `nbytes` split evenly (4 KiB aligned) over `threads` threads."""
-    edges = [nbytes * i // threads // 4096 * 4096 for i in range(threads)] + [nbytes]
-    parts = [(dst + a, src + a, b - a) for a, b in zip(edges, edges[1:])]
-    if threads == 1:
-        return best_s(lambda: copy(dst, src, nbytes), repeats)
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        return best_s(lambda: list(pool.map(lambda part: copy(*part), parts)), repeats)
-
-
 def bench_cpu(gib: float, repeats: int, e2e: bool) -> dict:
     heads, page = geometry(2 << 20)
     ns = namespace(heads, page)
@@ -166,15 +140,11 @@ def bench_cpu(gib: float, repeats: int, e2e: bool) -> dict:
     n = int(gib * (1 << 30)) // block
     nbytes = n * block
     threads = ClientConfig().copy_threads
-    g2 = np.ones(nbytes, np.uint8)  # contiguous G2 blocks, pre-faulted
-    src = np.ones(nbytes, np.uint8)
-    memcpy_s = {kind: {k: memcpy_seconds(copy, g2.ctypes.data, src.ctypes.data, nbytes, k, repeats)
-                       for k in range(1, threads + 1)}
-                for kind, copy in MEMCPY_KINDS.items()}
-    src = None
-    limit_s = min(s for by_threads in memcpy_s.values() for s in by_threads.values())
-    limit = {"limit": f"one contiguous copy, best of {'/'.join(memcpy_s)} with 1..{threads} threads",
+    memcpy_gbps = benchlib.memcpy_limit(nbytes, threads, repeats)
+    limit_s = nbytes / benchlib.best_gbps(memcpy_gbps) / 1e9
+    limit = {"limit": f"one contiguous copy, best of {'/'.join(memcpy_gbps)} with 1..{threads} threads",
              "limit_gbps": gbps(nbytes, limit_s)}
+    g2 = np.ones(nbytes, np.uint8)  # contiguous G2 blocks, pre-faulted
     num_device = 2 * n
     tensors = [torch.empty(num_device, heads, page, 2 * HEAD_DIM, dtype=torch.float16) for _ in range(LAYERS)]
     fill_distinct(tensors)
@@ -199,8 +169,8 @@ def bench_cpu(gib: float, repeats: int, e2e: bool) -> dict:
     g2 = tensors = table = None  # free the memory before the end-to-end runs
     if e2e:
         rows += bench_cpu_e2e(ns, n, repeats, limit_s, limit)
-    return {"rows": rows, "memcpy_gbps_by_threads": {kind: {k: gbps(nbytes, s) for k, s in by_threads.items()}
-                                                     for kind, by_threads in memcpy_s.items()}}
+    return {"rows": rows, "memcpy_gbps_by_threads": {kind: {k: round(v, 2) for k, v in by_threads.items()}
+                                                     for kind, by_threads in memcpy_gbps.items()}}
 
 
 def bench_cpu_e2e(ns: Namespace, n: int, repeats: int, limit_s: float, limit: dict) -> list[dict]:
