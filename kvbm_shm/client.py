@@ -13,7 +13,9 @@ Contract:
 - Every call has a deadline (`timeout_s`); replies are matched by request id, so a late reply
   of a timed-out call is discarded, never taken for another's. With no coordinator listening a
   call fails with `CoordinatorUnavailable` when none connects within the deadline; nothing is
-  queued for a coordinator that is not there (so nothing stale reaches the next one).
+  queued for a coordinator that is not there (so nothing stale reaches the next one). A call
+  that got no reply in time fails with code TIMEOUT while the coordinator's process (named in
+  the hello reply) is alive, i.e. it is slow, and with UNAVAILABLE once that process is gone.
 - The lease is a token from the hello reply, sent with every request that acts on it. A
   background thread keeps it alive. When the coordinator does not know it (restarted, or the
   lease ended), the client says hello again, re-registers its pools (re-mapping a segment that
@@ -188,6 +190,7 @@ class _Core:
         self.endpoint = self.config.endpoint or self._endpoint_from_runtime()
         self.client_id = 0  # for display: the coordinator's number for this lease
         self.lease = b""  # the lease token, sent with every lease-scoped request
+        self.coordinator_pid = 0
         self.lease_ms = 0
         self.instance_id = ""
         self.events_endpoint = ""
@@ -214,6 +217,7 @@ class _Core:
     def _hello_step(self) -> _Step:
         reply = yield p.Hello(req=0, name=self.name, pid=os.getpid())
         self.client_id, self.lease, self.lease_ms = reply.client_id, reply.lease, reply.lease_ms
+        self.coordinator_pid = reply.coordinator_pid
         self.instance_id, self.events_endpoint = reply.instance_id, reply.events_endpoint
         if self._heartbeat is not None:
             self._heartbeat.lease = self.lease
@@ -305,6 +309,14 @@ class _Core:
     def _deadline_s(self, request: p._Request) -> float:
         """Registering a layout may create and pre-fault a pool (about a second per GiB)."""
         return self.config.setup_timeout_s if isinstance(request, p.RegisterLayout) else self.config.timeout_s
+
+    def _no_reply(self, request: p._Request, timeout_s: float) -> CoordinatorUnavailable:
+        """The error of a call that got no reply in time: TIMEOUT if the coordinator lives."""
+        alive = self.coordinator_pid <= 0 or runtime.pid_alive(self.coordinator_pid)
+        return CoordinatorUnavailable(
+            f"{type(request).__name__} got no reply within {timeout_s:.3g} s from {self.endpoint}"
+            + ("" if alive else f" (the coordinator, pid {self.coordinator_pid}, is gone)"),
+            ErrorCode.TIMEOUT if alive else ErrorCode.UNAVAILABLE)
 
     @staticmethod
     def _check(request: p._Request, reply: p.Reply) -> p.Reply:
@@ -486,9 +498,7 @@ class Client(_Core):
                 try:
                     reply = p.decode_reply(self._sock.recv_multipart())
                 except zmq.Again:
-                    raise CoordinatorUnavailable(
-                        f"{type(request).__name__} got no reply within {timeout:.3g} s from {self.endpoint}",
-                        ErrorCode.TIMEOUT) from None
+                    raise self._no_reply(request, timeout) from None
                 if reply.req == request.req:
                     return self._check(request, reply)
                 wait_ms = max(int((deadline - time.monotonic()) * 1000), 0)  # a stale reply: wait the rest
@@ -596,9 +606,7 @@ class AsyncClient(_Core):
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not await self._sock.poll(left * 1000):
-                raise CoordinatorUnavailable(
-                    f"{type(request).__name__} got no reply within {timeout:.3g} s from {self.endpoint}",
-                    ErrorCode.TIMEOUT)
+                raise self._no_reply(request, timeout)
             reply = p.decode_reply(await self._sock.recv_multipart())
             if reply.req == request.req:
                 return self._check(request, reply)
