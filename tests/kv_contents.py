@@ -54,6 +54,6 @@ class Contents:
     def allocate_partial(self, index: int) -> int:
         """Leave one block Partial (allocated, never committed) under the client's lease."""
         reply = self.client.request(p.Allocate(req=0, lease=self.client.lease, pool_id=self.pool.pool_id,
-                                                 hashes=[self.hashes[index]]))
+                                               hashes=[self.hashes[index]]))
         assert reply.block_ids[0] >= 0
         return reply.block_ids[0]

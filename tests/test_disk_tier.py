@@ -57,7 +57,7 @@ class Engine:
 
     def lookup(self, first: int, count: int) -> p.LookupReply:
         return self.client.request(p.Lookup(req=0, lease=self.client.lease, pool_id=self.pool.pool_id,
-                                                hashes=HASHES[first:first + count]))
+                                            hashes=HASHES[first:first + count]))
 
     def load(self, first: int, count: int):
         """Load into fresh tensors; returns the result and whether every loaded block is identical."""

@@ -135,7 +135,8 @@ def test_silent_client_lease_expires(coordinator, instance, runtime_dir):
 BAD_FRAMES = [
     ("random bytes", [os.urandom(64)]),
     ("random body", [p.VERSION_FRAME, os.urandom(200)]),
-    ("truncated body", [p.VERSION_FRAME, p.encode(p.Lookup(req=5, lease=bytes(16), pool_id=0, hashes=[b"x" * 16]))[1][:-7]]),
+    ("truncated body",
+     [p.VERSION_FRAME, p.encode(p.Lookup(req=5, lease=bytes(16), pool_id=0, hashes=[b"x" * 16]))[1][:-7]]),
     ("wrong version", [b"kvbm/99", p.encode(p.Stats(req=6))[1]]),
     ("unknown op", [p.VERSION_FRAME, msgspec.msgpack.encode(["explode", 7])]),
     ("wrong types", [p.VERSION_FRAME, msgspec.msgpack.encode(["lookup", 8, "me", 0, [], False])]),
@@ -195,7 +196,7 @@ def test_bad_requests_are_typed_errors(coordinator, instance, runtime_dir):
         other = engine.connect(instance, runtime_dir, "other")
         other_pool = other.register_layout(pool.namespace)
         got = other.request(p.Allocate(req=0, lease=other.lease, pool_id=other_pool.pool_id,
-                                         hashes=engine.prompt_hashes(1, start=77)))
+                                  hashes=engine.prompt_hashes(1, start=77)))
         with pytest.raises(RequestError) as e:
             client.request(p.Commit(req=0, lease=client.lease, pool_id=pool.pool_id, block_ids=got.block_ids,
                                     checksums=[0]))

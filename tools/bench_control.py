@@ -58,9 +58,10 @@ def coordinator_client(instance, runtime_dir, op: str, seconds: float, start_at:
             assert len(hits) == BATCH
         else:
             fresh = _hashes((base + n * BATCH * PAGE) % (1 << 31))
-            ids = [b for b in client.request(p.Allocate(req=0, lease=client.lease, pool_id=pool.pool_id, hashes=fresh)).block_ids
-                   if b >= 0]
-            client.request(p.Commit(req=0, lease=client.lease, pool_id=pool.pool_id, block_ids=ids, checksums=[0] * len(ids)))
+            reply = client.request(p.Allocate(req=0, lease=client.lease, pool_id=pool.pool_id, hashes=fresh))
+            ids = [b for b in reply.block_ids if b >= 0]
+            client.request(p.Commit(req=0, lease=client.lease, pool_id=pool.pool_id, block_ids=ids,
+                                    checksums=[0] * len(ids)))
         lat.append(time.perf_counter_ns() - t0)
         n += 1
     client.close()
