@@ -16,6 +16,7 @@ coordinator processes (and, for case 4, a hostile coordinator written here).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -27,10 +28,10 @@ import numpy as np
 import pytest
 import zmq
 
-from kvbm_shm import Client, protocol as p, runtime
+from kvbm_shm import AsyncClient, Client, protocol as p, runtime
 from kvbm_shm.config import ClientConfig, ServiceConfig
 from kvbm_shm.device_ipc import export_tensors
-from kvbm_shm.errors import CapacityError, ConfigError, ErrorCode, KvbmError, LeaseError, RequestError
+from kvbm_shm.errors import CapacityError, ConfigError, ErrorCode, KvbmError, RequestError
 from kvbm_shm.integrations.service_link import ServiceLink
 from kvbm_shm.kernels import cpu_copy
 from kvbm_shm.shm import BlockState, PoolSegment, unlink
@@ -145,6 +146,7 @@ def test_made_up_and_old_tokens_get_unknown_lease(coordinator_factory, instance,
 NUM_BLOCKS = 8
 H_REGISTERED = b"R" * 16  # what block 0's record names
 H_OTHER = b"O" * 16  # a lookup the fake answers with block 0 anyway
+H_PARTIAL = b"P" * 16  # block 1's record names it, but the block is still being written (Partial)
 
 
 def _fake_answer(m, instance: str, segment: str, ns_fingerprint: str):
@@ -161,7 +163,7 @@ def _fake_answer(m, instance: str, segment: str, ns_fingerprint: str):
         if kind == b"k":  # a reply of another kind
             return p.AllocateReply(req=m.req, block_ids=[0])
         ids, tiers = {b"h": ([HUGE_ID], [2]), b"n": ([-1], [2]), b"t": ([0], [2, 2]), b"9": ([0], [9]),
-                      b"l": ([0, 1], [2, 2])}.get(kind, ([0], [2]))
+                      b"l": ([0, 1], [2, 2]), b"P": ([1], [2])}.get(kind, ([0], [2]))
         return p.LookupReply(req=m.req, block_ids=ids, tiers=tiers)
     if isinstance(m, p.Allocate):
         ids = {b"h": [HUGE_ID, 1], b"d": [1, 1], b"s": [1]}.get(m.hashes[0][:1], [-7, 1])
@@ -203,6 +205,8 @@ def victim_of_fake(endpoint: str) -> dict:
                 out[f"load-{case}"] = (type(e).__name__, int(e.code))
         result = client.load(pool.bind(zeros), [H_OTHER], [0])
         out["load-other-hash"] = (result.loaded, result.failed)
+        result = client.load(pool.bind(zeros), [H_PARTIAL], [0])
+        out["load-partial"] = (result.loaded, result.failed)
         for case in ("h", "d", "s", "x"):
             try:
                 out[f"store-{case}"] = client.store(pool.bind(kv), [case.encode() * 16, b"2" * 16], [1, 2])
@@ -226,6 +230,9 @@ def test_lying_coordinator_gets_typed_errors_and_nothing_is_copied(instance, run
         seg.table["hash"][0] = np.frombuffer(H_REGISTERED, "V16")[0]
         seg.table["checksum"][0] = cpu_copy.checksum(seg.block(0))
         seg.table["state"][0] = BlockState.REGISTERED
+        seg.table["hash"][1] = np.frombuffer(H_PARTIAL, "V16")[0]
+        seg.table["checksum"][1] = cpu_copy.checksum(seg.block(1))
+        seg.table["state"][1] = BlockState.PARTIAL
         fake.start()
         out = run_child(victim_of_fake, endpoint, timeout_s=60)  # a SIGSEGV would fail here
         bad_reply = ("ProtocolError", int(ErrorCode.BAD_FRAME))
@@ -233,6 +240,7 @@ def test_lying_coordinator_gets_typed_errors_and_nothing_is_copied(instance, run
         for case in ("h", "n", "t", "9", "l", "k"):
             assert out.pop(f"load-{case}") == bad_reply, case
         assert out.pop("load-other-hash") == (0, [0])  # record names another hash: refused, not copied
+        assert out.pop("load-partial") == (0, [0])  # not Registered: refused, not copied
         for case in ("h", "d", "s", "x"):
             assert out.pop(f"store-{case}") == bad_reply, case
         assert out == {"zeros untouched": True}
@@ -465,6 +473,24 @@ def test_pinned_lookup_of_a_stalled_coordinator_is_cancelled(coordinator_factory
         assert "gave up on request" in coordinator.log()
         result, loaded, _ = load_into_zeros(client, pool, hashes)  # and the client goes on
         assert result.loaded == 3 and loaded == [engine.block_bytes(kv, i) for i in range(3)]
+
+        async def async_load_stalled() -> tuple[ErrorCode, int]:
+            async_client = await AsyncClient.connect(instance=instance, runtime_dir=runtime_dir, name="async",
+                                                     timeout_s=0.3)
+            try:
+                async_pool = await async_client.register_layout(pool.namespace)
+                os.kill(coordinator.proc.pid, signal.SIGSTOP)
+                try:
+                    with pytest.raises(KvbmError) as e:
+                        await async_client.load(async_pool.bind(engine.make_kv(None)), hashes, [0, 1, 2])
+                finally:
+                    os.kill(coordinator.proc.pid, signal.SIGCONT)
+                await asyncio.sleep(0.2)
+                return e.value.code, (await async_client.stats()).pools[0].pinned  # its lease still open
+            finally:
+                await async_client.close()
+
+        assert asyncio.run(async_load_stalled()) == (ErrorCode.TIMEOUT, 0)  # the async client cancels too
 
 
 def test_pinned_lookup_waiting_for_disk_is_cancelled(instance, runtime_dir):
