@@ -13,17 +13,29 @@ Contract:
 - Every call has a deadline (`timeout_s`); replies are matched by request id, so a late reply
   of a timed-out call is discarded, never taken for another's. With no coordinator listening a
   call fails with `CoordinatorUnavailable` when none connects within the deadline; nothing is
-  queued for a coordinator that is not there (so nothing stale reaches the next one).
-- A background thread keeps the lease alive. When the coordinator restarted (the lease is
-  unknown), the client says hello again, re-registers its pools (re-attaching a segment that was
-  recreated) and retries the operation once.
-- `store` writes only blocks that are not cached yet, checksums each written block (xxh3-64),
-  and commits; if the copy fails, the blocks are freed, never registered.
-- `load` pins the hit prefix, copies it while summing the bytes (one pass), checks every
-  block's checksum against the block table, and releases the pins. The loaded prefix ends at
-  the first block that fails: it is reported in `LoadResult.failed` and invalidated at the
-  coordinator, and the device blocks from there on count as not loaded (the engine recomputes
-  them), whatever bytes they now hold.
+  queued for a coordinator that is not there (so nothing stale reaches the next one). A call
+  that got no reply in time fails with code TIMEOUT while the coordinator's process (named in
+  the hello reply) is alive, i.e. it is slow, and with UNAVAILABLE once that process is gone.
+- The lease is a token from the hello reply, sent with every request that acts on it. A
+  background thread keeps it alive. When the coordinator does not know it (restarted, or the
+  lease ended), the client says hello again, re-registers its pools (re-mapping a segment that
+  was recreated) and retries the operation once; nothing is copied before that.
+- Replies are not trusted: a reply of the wrong kind, a block id outside the attached pool, a
+  list of the wrong length, a tier or sentinel where none may be, or a pool whose segment does
+  not match what the reply and the namespace say, is a `ProtocolError` and nothing is copied.
+  Pools are mapped with their header and block table read-only (only the coordinator writes
+  them); block data read-write.
+- `store` writes only blocks that are not cached yet, checksums each written block, and
+  commits; if the copy fails, the blocks are freed, never registered.
+- `load` pins the hit prefix, copies it while summing the bytes (one pass), and releases the
+  pins. A block is loaded only if its record, read under the seqlock before the copy, is
+  Registered under the requested hash, the record is the same after the copy, and its bytes
+  match the record's checksum. The loaded prefix ends at the first block that fails: it is
+  reported in `LoadResult.failed` and reported to the coordinator (which drops it if its bytes
+  really are bad), and the device blocks from there on count as not loaded (the engine
+  recomputes them), whatever bytes they now hold.
+- A pinned lookup or an allocation that times out is cancelled (`Cancel`, sent without waiting
+  for its reply), so a slow coordinator does not leave pins or unfinished blocks behind.
 - Copies go through `kernels.cpu_copy` (host memory on both sides).
 """
 
@@ -45,10 +57,11 @@ import zmq.asyncio
 from . import protocol as p
 from . import runtime
 from .config import ClientConfig
-from .errors import CoordinatorUnavailable, ErrorCode, KvbmError, LeaseError, error_from_code
+from .errors import (CoordinatorUnavailable, CorruptionError, ErrorCode, KvbmError, LeaseError, ProtocolError,
+                     error_from_code)
 from .kernels import cpu_copy
 from .layout import ChunkTable, Namespace
-from .shm import PoolSegment
+from .shm import BlockState, PoolSegment
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +93,58 @@ class Pool:
         return self.segment.block(block_id)
 
     def _attach(self, reply: p.PoolReply) -> None:
+        """Map the reply's segment (unless it is the one mapped), after checking that it is the
+        pool the reply describes, for this namespace. ProtocolError otherwise; nothing changes."""
         if self.segment is None or self.segment.segment_id != reply.segment_id:
-            old, self.segment = self.segment, PoolSegment.attach(reply.segment)
+            seg = PoolSegment.attach(reply.segment, table_writable=False)
+            try:
+                _check_pool(seg, reply, self.namespace)
+            except BaseException:
+                seg.close()
+                raise
+            old, self.segment = self.segment, seg
             if old is not None:
                 old.close()
+        else:
+            _check_pool(self.segment, reply, self.namespace)
         self.pool_id = reply.pool_id
+
+
+def _check_pool(seg: PoolSegment, reply: p.PoolReply, namespace: Namespace) -> None:
+    if (seg.segment_id != reply.segment_id or int(seg.header["pool_id"]) != reply.pool_id
+            or seg.num_blocks != reply.num_blocks or seg.block_bytes != reply.block_bytes
+            or seg.block_bytes != namespace.kv.block_bytes or seg.fingerprint != namespace.fingerprint):
+        raise ProtocolError(f"pool reply does not match segment {seg.name}: pool {reply.pool_id}, "
+                            f"{reply.num_blocks} blocks of {reply.block_bytes} bytes, id {reply.segment_id!r}; the "
+                            f"segment holds pool {int(seg.header['pool_id'])}, {seg.num_blocks} blocks of "
+                            f"{seg.block_bytes} bytes, id {seg.segment_id!r}; the namespace needs "
+                            f"{namespace.kv.block_bytes}-byte blocks")
+
+
+def check_hits(num_blocks: int, num_hashes: int, block_ids: list[int], tiers: list[int] | None = None) -> None:
+    """A hit prefix from a reply: at most one block per hash, each a block of the pool, and (when
+    given) one tier per block, G2 or G3. ProtocolError otherwise."""
+    if len(block_ids) > num_hashes or not _in_pool(block_ids, num_blocks):
+        raise ProtocolError(f"reply names {len(block_ids)} hit blocks for {num_hashes} hashes, ids "
+                            f"{block_ids[:8]}; the pool has {num_blocks} blocks")
+    if tiers is not None and (len(tiers) != len(block_ids) or not set(tiers) <= {p.Tier.CPU, p.Tier.DISK}):
+        raise ProtocolError(f"reply names tiers {tiers[:8]} for {len(block_ids)} hit blocks")
+
+
+def check_allocation(num_blocks: int, num_hashes: int, block_ids: list[int]) -> None:
+    """Blocks to fill from a reply: one per hash, each a distinct block of the pool or a sentinel."""
+    mine = [b for b in block_ids if b >= 0]
+    if (len(block_ids) != num_hashes or not _in_pool(mine, num_blocks) or len(set(mine)) != len(mine)
+            or not set(block_ids) - set(mine) <= _SENTINELS):
+        raise ProtocolError(f"reply names blocks {block_ids[:8]} for {num_hashes} hashes; the pool has "
+                            f"{num_blocks} blocks")
+
+
+_SENTINELS = {p.ALREADY_STORED, p.IN_FLIGHT, p.NO_ROOM}
+
+
+def _in_pool(block_ids: list[int], num_blocks: int) -> bool:
+    return not block_ids or (min(block_ids) >= 0 and max(block_ids) < num_blocks)
 
 
 @dataclasses.dataclass
@@ -111,7 +171,14 @@ class LoadResult:
     failed: list[int]  # positions whose bytes failed verification (invalidated, not copied)
 
 
-_Step = Generator[object, object, object]  # yields requests or copy callables
+@dataclasses.dataclass
+class _Notice:
+    """A step item: send `request` and do not wait for its reply (a later call drops it as stale)."""
+
+    request: p._Request
+
+
+_Step = Generator[object, object, object]  # yields requests, notices or copy callables
 
 
 class _Core:
@@ -121,7 +188,9 @@ class _Core:
         self.config = config or ClientConfig.load(**overrides)
         self.name = name or f"pid{os.getpid()}"
         self.endpoint = self.config.endpoint or self._endpoint_from_runtime()
-        self.client_id = 0
+        self.client_id = 0  # for display: the coordinator's number for this lease
+        self.lease = b""  # the lease token, sent with every lease-scoped request
+        self.coordinator_pid = 0
         self.lease_ms = 0
         self.instance_id = ""
         self.events_endpoint = ""
@@ -146,13 +215,15 @@ class _Core:
     # ------------------------------------------------------------ steps
 
     def _hello_step(self) -> _Step:
-        reply = yield p.Hello(0, self.name, os.getpid())
-        self.client_id, self.lease_ms = reply.client_id, reply.lease_ms
+        reply = yield p.Hello(req=0, name=self.name, pid=os.getpid())
+        self.client_id, self.lease, self.lease_ms = reply.client_id, reply.lease, reply.lease_ms
+        self.coordinator_pid = reply.coordinator_pid
         self.instance_id, self.events_endpoint = reply.instance_id, reply.events_endpoint
         if self._heartbeat is not None:
-            self._heartbeat.client_id = self.client_id
+            self._heartbeat.lease = self.lease
         for pool in self._pools.values():  # after a coordinator restart
-            pool_reply = yield p.RegisterLayout(0, self.client_id, pool.namespace, pool.cache_bytes)
+            pool_reply = yield p.RegisterLayout(req=0, lease=self.lease, namespace=pool.namespace,
+                                                cache_bytes=pool.cache_bytes)
             pool._attach(pool_reply)
             pool.epoch += 1
         return reply
@@ -160,20 +231,35 @@ class _Core:
     def _register_step(self, namespace: Namespace, cache_bytes: int) -> _Step:
         fp = namespace.fingerprint
         pool = self._pools.get(fp) or Pool(namespace, cache_bytes)
-        reply = yield p.RegisterLayout(0, self.client_id, namespace, cache_bytes)
+        reply = yield p.RegisterLayout(req=0, lease=self.lease, namespace=namespace, cache_bytes=cache_bytes)
         pool._attach(reply)
         self._pools[fp] = pool
         return pool
 
     def _lookup_step(self, pool: Pool, hashes: Sequence[bytes], pin: bool) -> _Step:
-        reply = yield p.Lookup(0, self.client_id, pool.pool_id, list(hashes), pin)
-        return reply.block_ids
+        """The checked LookupReply; a pinned lookup that times out or gets a bad reply is cancelled."""
+        lookup = p.Lookup(req=0, lease=self.lease, pool_id=pool.pool_id, hashes=list(hashes), pin=pin)
+        try:
+            reply = yield lookup
+            check_hits(pool.num_blocks, len(lookup.hashes), reply.block_ids, reply.tiers)
+        except (CoordinatorUnavailable, ProtocolError) as e:
+            if pin and e.code != ErrorCode.UNAVAILABLE:  # the coordinator may have pinned: undo it
+                yield _Notice(p.Cancel(req=0, lease=lookup.lease, target=lookup.req))
+            raise
+        return reply
 
     def _store_step(self, kv: EngineKv, hashes: Sequence[bytes], device_block_ids: Sequence[int]) -> _Step:
         if len(hashes) != len(device_block_ids):
             raise ValueError(f"{len(hashes)} hashes but {len(device_block_ids)} device blocks")
         pool = kv.pool
-        reply = yield p.Allocate(0, self.client_id, pool.pool_id, list(hashes))
+        allocate = p.Allocate(req=0, lease=self.lease, pool_id=pool.pool_id, hashes=list(hashes))
+        try:
+            reply = yield allocate
+            check_allocation(pool.num_blocks, len(allocate.hashes), reply.block_ids)
+        except (CoordinatorUnavailable, ProtocolError) as e:
+            if e.code != ErrorCode.UNAVAILABLE:  # the coordinator may have allocated: free it
+                yield _Notice(p.Cancel(req=0, lease=allocate.lease, target=allocate.req))
+            raise
         ids = reply.block_ids
         todo = [i for i, b in enumerate(ids) if b >= 0]
         counts = {s: ids.count(s) for s in (p.ALREADY_STORED, p.IN_FLIGHT, p.NO_ROOM)}
@@ -184,31 +270,37 @@ class _Core:
         try:
             checksums = yield (lambda: _gather(kv, dev, g2, self.config.copy_threads))
         except BaseException:
-            yield p.Free(0, self.client_id, pool.pool_id, g2)
+            yield p.Free(req=0, lease=allocate.lease, pool_id=pool.pool_id, block_ids=g2)
             raise
-        yield p.Commit(0, self.client_id, pool.pool_id, g2, checksums)
+        yield p.Commit(req=0, lease=allocate.lease, pool_id=pool.pool_id, block_ids=g2, checksums=checksums)
         return StoreResult(len(g2), counts[p.ALREADY_STORED], counts[p.IN_FLIGHT], counts[p.NO_ROOM])
 
     def _load_step(self, kv: EngineKv, hashes: Sequence[bytes], device_block_ids: Sequence[int]) -> _Step:
         if len(hashes) != len(device_block_ids):
             raise ValueError(f"{len(hashes)} hashes but {len(device_block_ids)} device blocks")
         pool = kv.pool
-        reply = yield p.Lookup(0, self.client_id, pool.pool_id, list(hashes), True)
+        lease = self.lease
+        reply = yield from self._lookup_step(pool, hashes, pin=True)
         ids, tiers = reply.block_ids, reply.tiers
         if not ids:
             return LoadResult(0, [], [])
         try:
-            good = yield (lambda: _scatter(kv, device_block_ids[:len(ids)], ids, self.config.verify_checksums,
-                                                 self.config.copy_threads))
+            good = yield (lambda: _scatter(kv, device_block_ids[:len(ids)], ids, hashes[:len(ids)],
+                                           self.config.verify_checksums, self.config.copy_threads))
         finally:
-            yield p.Release(0, self.client_id, pool.pool_id, ids)
+            yield p.Release(req=0, lease=lease, pool_id=pool.pool_id, block_ids=ids)
         failed = []
         if good < len(ids):
             failed = [good]
-            yield p.Invalidate(0, self.client_id, pool.pool_id, [ids[good]], "checksum mismatch on load")
-            log.warning("block %d of pool %d failed its checksum: invalidated, loaded %d of %d",
+            yield p.Invalidate(req=0, lease=lease, pool_id=pool.pool_id, block_ids=[ids[good]],
+                               reason="failed verification on load")
+            log.warning("block %d of pool %d failed verification: reported, loaded %d of %d",
                         ids[good], pool.pool_id, good, len(ids))
         return LoadResult(good, tiers[:good], failed)
+
+    def _hits_step(self, pool: Pool, hashes: Sequence[bytes], pin: bool) -> _Step:
+        reply = yield from self._lookup_step(pool, hashes, pin)
+        return reply.block_ids
 
     def _simple_step(self, request: p._Request) -> _Step:
         reply = yield request
@@ -218,8 +310,17 @@ class _Core:
         """Registering a layout may create and pre-fault a pool (about a second per GiB)."""
         return self.config.setup_timeout_s if isinstance(request, p.RegisterLayout) else self.config.timeout_s
 
+    def _no_reply(self, request: p._Request, timeout_s: float) -> CoordinatorUnavailable:
+        """The error of a call that got no reply in time: TIMEOUT if the coordinator lives."""
+        alive = self.coordinator_pid <= 0 or runtime.pid_alive(self.coordinator_pid)
+        return CoordinatorUnavailable(
+            f"{type(request).__name__} got no reply within {timeout_s:.3g} s from {self.endpoint}"
+            + ("" if alive else f" (the coordinator, pid {self.coordinator_pid}, is gone)"),
+            ErrorCode.TIMEOUT if alive else ErrorCode.UNAVAILABLE)
+
     @staticmethod
-    def _check(reply: p.Reply) -> p.Reply:
+    def _check(request: p._Request, reply: p.Reply) -> p.Reply:
+        p.check_reply_kind(request, reply)
         if isinstance(reply, p.ErrorReply):
             raise error_from_code(reply.code, reply.message)
         return reply
@@ -230,14 +331,41 @@ def _gather(kv: EngineKv, device_ids: list[int], g2_ids: list[int], threads: int
     return cpu_copy.gather(kv.chunks, device_ids, kv.pool.segment.block_addresses(g2_ids), threads).tolist()
 
 
-def _scatter(kv: EngineKv, device_ids: Sequence[int], g2_ids: list[int], verify: bool, threads: int) -> int:
-    """Copy G2 blocks into device blocks; returns the length of the prefix whose bytes verified."""
+def _scatter(kv: EngineKv, device_ids: Sequence[int], g2_ids: list[int], hashes: Sequence[bytes], verify: bool,
+             threads: int) -> int:
+    """Copy G2 blocks into device blocks; returns the length of the prefix that is vouched for.
+
+    Block i counts only if its record, read under the seqlock before the copy, is Registered
+    under `hashes[i]`, its record (state, hash, checksum) read again after the copy is unchanged,
+    and (with `verify`) the bytes copied match that checksum. Blocks after the first whose record
+    does not name its hash are not copied."""
     seg = kv.pool.segment
-    sums = cpu_copy.scatter(kv.chunks, list(device_ids), seg.block_addresses(g2_ids), threads)
-    if not verify:
-        return len(g2_ids)
-    bad = np.flatnonzero(sums != seg.table["checksum"][np.asarray(g2_ids)])
-    return int(bad[0]) if len(bad) else len(g2_ids)
+    try:
+        before = seg.read_records(g2_ids)
+    except CorruptionError:
+        return 0
+    named = (before["state"] == BlockState.REGISTERED) & (before["hash"] == np.frombuffer(b"".join(hashes), "V16"))
+    n = _prefix(named)
+    if not n:
+        return 0
+    ids = g2_ids[:n]
+    sums = cpu_copy.scatter(kv.chunks, list(device_ids[:n]), seg.block_addresses(ids), threads)
+    try:
+        after = seg.read_records(ids)
+    except CorruptionError:
+        return 0
+    before = before[:n]
+    same = ((after["state"] == before["state"]) & (after["hash"] == before["hash"])
+            & (after["checksum"] == before["checksum"]))
+    if verify:
+        same &= sums == before["checksum"]
+    return _prefix(same)
+
+
+def _prefix(ok: np.ndarray) -> int:
+    """Length of the leading run of True in `ok`."""
+    bad = np.flatnonzero(~ok)
+    return int(bad[0]) if len(bad) else len(ok)
 
 
 class Client(_Core):
@@ -262,7 +390,7 @@ class Client(_Core):
 
     def lookup(self, pool: Pool, hashes: Sequence[bytes], pin: bool = False) -> list[int]:
         """G2 block ids of the longest cached prefix of `hashes` (pinned if `pin`)."""
-        return self._drive(lambda: self._lookup_step(pool, hashes, pin))
+        return self._drive(lambda: self._hits_step(pool, hashes, pin))
 
     def store(self, kv: EngineKv, hashes: Sequence[bytes], device_block_ids: Sequence[int]) -> StoreResult:
         return self._drive(lambda: self._store_step(kv, hashes, device_block_ids))
@@ -271,18 +399,21 @@ class Client(_Core):
         return self._drive(lambda: self._load_step(kv, hashes, device_block_ids))
 
     def release(self, pool: Pool, block_ids: Sequence[int]) -> None:
-        self._drive(lambda: self._simple_step(p.Release(0, self.client_id, pool.pool_id, list(block_ids))))
+        self._drive(lambda: self._simple_step(
+            p.Release(req=0, lease=self.lease, pool_id=pool.pool_id, block_ids=list(block_ids))))
 
     def touch(self, pool: Pool, hashes: Sequence[bytes], priority: int | None = None) -> int:
-        reply = self._drive(lambda: self._simple_step(p.Touch(0, self.client_id, pool.pool_id, list(hashes), priority)))
+        reply = self._drive(lambda: self._simple_step(
+            p.Touch(req=0, lease=self.lease, pool_id=pool.pool_id, hashes=list(hashes), priority=priority)))
         return reply.count
 
     def stats(self) -> p.StatsReply:
-        return self._drive(lambda: self._simple_step(p.Stats(0)))
+        return self._drive(lambda: self._simple_step(p.Stats(req=0)))
 
     def request(self, request: p._Request) -> p.Reply:
         """Send one raw protocol request (its `req` is replaced); returns the reply or raises.
-        Not retried after a lost lease: the request names the old client id."""
+        Not retried after a lost lease (the request names the old lease token), and not
+        cancelled when it times out."""
         return self._drive(lambda: self._simple_step(request), retry=False)
 
     def close(self) -> None:
@@ -291,7 +422,7 @@ class Client(_Core):
             self._heartbeat.stop()
         with self._lock:
             try:
-                self._call(p.Goodbye(0, self.client_id), timeout_s=min(self.config.timeout_s, 1.0))
+                self._call(p.Goodbye(req=0, lease=self.lease), timeout_s=min(self.config.timeout_s, 1.0))
             except KvbmError:
                 pass
             for pool in self._pools.values():
@@ -311,14 +442,14 @@ class Client(_Core):
     def _drive(self, make_steps: Callable[[], _Step], retry: bool = True):
         """Run an operation; the socket is locked per call, not across copies, so one thread's
         load does not wait for another thread's store to finish copying."""
-        lease = self.client_id
+        lease = self.lease
         try:
             return self._run(make_steps())
         except LeaseError:
             if not retry:
                 raise
             with self._lock:
-                if self.client_id == lease:  # no other thread has recovered the lease yet
+                if self.lease == lease:  # no other thread has recovered the lease yet
                     log.info("lease lost (coordinator restarted?): saying hello again")
                     self._run(self._hello_step())
             return self._run(make_steps())
@@ -332,9 +463,20 @@ class Client(_Core):
                 return done.value
             value, error = None, None
             try:
-                value = item() if callable(item) else self._call(item)
+                if isinstance(item, _Notice):
+                    self._notify(item.request)
+                else:
+                    value = item() if callable(item) else self._call(item)
             except BaseException as e:
                 error = e
+
+    def _notify(self, request: p._Request) -> None:
+        with self._lock:
+            request.req = next(self._req)
+            try:
+                self._sock.send_multipart(p.encode(request), zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("%s not sent: no coordinator is connected", type(request).__name__)
 
     def _call(self, request: p._Request, timeout_s: float | None = None) -> p.Reply:
         timeout = timeout_s or self._deadline_s(request)
@@ -356,11 +498,9 @@ class Client(_Core):
                 try:
                     reply = p.decode_reply(self._sock.recv_multipart())
                 except zmq.Again:
-                    raise CoordinatorUnavailable(
-                        f"{type(request).__name__} got no reply within {timeout:.3g} s from {self.endpoint}",
-                        ErrorCode.TIMEOUT) from None
+                    raise self._no_reply(request, timeout) from None
                 if reply.req == request.req:
-                    return self._check(reply)
+                    return self._check(request, reply)
                 wait_ms = max(int((deadline - time.monotonic()) * 1000), 0)  # a stale reply: wait the rest
 
 
@@ -389,7 +529,7 @@ class AsyncClient(_Core):
         return await self._drive(lambda: self._register_step(namespace, cache_bytes))
 
     async def lookup(self, pool: Pool, hashes: Sequence[bytes], pin: bool = False) -> list[int]:
-        return await self._drive(lambda: self._lookup_step(pool, hashes, pin))
+        return await self._drive(lambda: self._hits_step(pool, hashes, pin))
 
     async def store(self, kv: EngineKv, hashes: Sequence[bytes], device_block_ids: Sequence[int]) -> StoreResult:
         return await self._drive(lambda: self._store_step(kv, hashes, device_block_ids))
@@ -398,22 +538,23 @@ class AsyncClient(_Core):
         return await self._drive(lambda: self._load_step(kv, hashes, device_block_ids))
 
     async def release(self, pool: Pool, block_ids: Sequence[int]) -> None:
-        await self._drive(lambda: self._simple_step(p.Release(0, self.client_id, pool.pool_id, list(block_ids))))
+        await self._drive(lambda: self._simple_step(
+            p.Release(req=0, lease=self.lease, pool_id=pool.pool_id, block_ids=list(block_ids))))
 
     async def touch(self, pool: Pool, hashes: Sequence[bytes], priority: int | None = None) -> int:
-        reply = await self._drive(
-            lambda: self._simple_step(p.Touch(0, self.client_id, pool.pool_id, list(hashes), priority)))
+        reply = await self._drive(lambda: self._simple_step(
+            p.Touch(req=0, lease=self.lease, pool_id=pool.pool_id, hashes=list(hashes), priority=priority)))
         return reply.count
 
     async def stats(self) -> p.StatsReply:
-        return await self._drive(lambda: self._simple_step(p.Stats(0)))
+        return await self._drive(lambda: self._simple_step(p.Stats(req=0)))
 
     async def close(self) -> None:
         if self._heartbeat is not None:
             self._heartbeat.stop()
         async with self._lock:
             try:
-                await self._call(p.Goodbye(0, self.client_id), timeout_s=min(self.config.timeout_s, 1.0))
+                await self._call(p.Goodbye(req=0, lease=self.lease), timeout_s=min(self.config.timeout_s, 1.0))
             except KvbmError:
                 pass
             for pool in self._pools.values():
@@ -441,9 +582,19 @@ class AsyncClient(_Core):
                 return done.value
             value, error = None, None
             try:
-                value = await asyncio.to_thread(item) if callable(item) else await self._call(item)
+                if isinstance(item, _Notice):
+                    await self._notify(item.request)
+                else:
+                    value = await asyncio.to_thread(item) if callable(item) else await self._call(item)
             except BaseException as e:
                 error = e
+
+    async def _notify(self, request: p._Request) -> None:
+        request.req = next(self._req)
+        try:
+            await self._sock.send_multipart(p.encode(request), zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("%s not sent: no coordinator is connected", type(request).__name__)
 
     async def _call(self, request: p._Request, timeout_s: float | None = None) -> p.Reply:
         request.req = next(self._req)
@@ -455,12 +606,10 @@ class AsyncClient(_Core):
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not await self._sock.poll(left * 1000):
-                raise CoordinatorUnavailable(
-                    f"{type(request).__name__} got no reply within {timeout:.3g} s from {self.endpoint}",
-                    ErrorCode.TIMEOUT)
+                raise self._no_reply(request, timeout)
             reply = p.decode_reply(await self._sock.recv_multipart())
             if reply.req == request.req:
-                return self._check(reply)
+                return self._check(request, reply)
 
 
 class _Heartbeat(threading.Thread):
@@ -468,7 +617,7 @@ class _Heartbeat(threading.Thread):
 
     def __init__(self, core: _Core):
         super().__init__(name="kvbm-heartbeat", daemon=True)
-        self.client_id = core.client_id
+        self.lease = core.lease
         self._interval_s = max(core.lease_ms / 3000, 0.01)
         self._endpoint = core.endpoint
         self._core = core
@@ -482,7 +631,7 @@ class _Heartbeat(threading.Thread):
         try:
             while not self._stop_event.wait(self._interval_s):
                 try:
-                    sock.send_multipart(p.encode(p.Heartbeat(next(req), self.client_id)), zmq.NOBLOCK)
+                    sock.send_multipart(p.encode(p.Heartbeat(req=next(req), lease=self.lease)), zmq.NOBLOCK)
                 except zmq.Again:
                     continue  # coordinator down: the next operation will find out
                 while sock.poll(0):

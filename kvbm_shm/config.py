@@ -48,6 +48,9 @@ class ServiceConfig:
     runtime_dir: Path = dataclasses.field(default_factory=default_runtime_root)
     cpu_cache_gb: float = 2.0  # G2 budget shared by all pools of this instance
     lease_ms: int = 5000  # a client silent this long loses its pins and unfinished blocks
+    max_leases: int = 4096  # open client leases in all; a hello past it gets CAPACITY
+    max_leases_per_process: int = 64  # open leases of one client pid; a hello past it gets CAPACITY
+    max_pools: int = 64  # pools (namespaces) of this instance; registering one more gets CAPACITY
     log_level: str = "INFO"
     max_frame_bytes: int = 64 << 20  # larger requests get FRAME_TOO_LARGE
     disk_cache_gb: float = 0.0  # G3 budget; 0 turns the disk tier off
@@ -66,6 +69,9 @@ class ServiceConfig:
             raise ConfigError(f"cpu_cache_gb must be positive, got {self.cpu_cache_gb}")
         if self.lease_ms < 50:
             raise ConfigError(f"lease_ms must be at least 50, got {self.lease_ms}")
+        for name in ("max_leases", "max_leases_per_process", "max_pools"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.disk_cache_gb < 0:
             raise ConfigError(f"disk_cache_gb must not be negative, got {self.disk_cache_gb}")
         if self.transfer_workers < 0:

@@ -33,9 +33,9 @@ from typing import Sequence
 import zmq
 
 from . import protocol as p
-from .client import Client, EngineKv, Pool
+from .client import Client, EngineKv, Pool, check_allocation, check_hits
 from .device_ipc import Exports, export_tensors
-from .errors import CoordinatorUnavailable, DeviceError, ErrorCode, error_from_code
+from .errors import CoordinatorUnavailable, DeviceError, ErrorCode, ProtocolError, error_from_code
 
 MODES = ("worker", "engine")
 
@@ -118,7 +118,7 @@ class DeviceKv:
         kv._sockets = {name: (kv._socket(), threading.Lock()) for name in ("requests", "waits")}
         try:
             handles, kv._exports = export_tensors(tensors)
-            reply = kv._call(p.RegisterDevice(0, client.client_id, pool.pool_id, handles))
+            reply = kv._call(p.RegisterDevice(req=0, lease=client.lease, pool_id=pool.pool_id, tensors=handles))
         except BaseException:
             kv._exports.release()
             kv._close_sockets()
@@ -135,8 +135,9 @@ class DeviceKv:
             result = TransferResult(True, r.stored, [], present=r.present, in_flight=r.in_flight, no_room=r.no_room,
                                     nbytes=r.stored * self.pool.block_bytes)
             return Transfer(self, 0, True, [], result)
-        reply = self._call(p.Offload(0, self.client.client_id, self.device_id, list(hashes),
-                                     [int(b) for b in device_block_ids], priority))
+        reply = self._call(p.Offload(req=0, lease=self.client.lease, device_id=self.device_id, hashes=list(hashes),
+                                     device_block_ids=[int(b) for b in device_block_ids], priority=priority))
+        check_allocation(self.pool.num_blocks, len(hashes), reply.block_ids)
         return self._transfer(reply, True)
 
     def onboard(self, hashes: Sequence[bytes], device_block_ids: Sequence[int]) -> Transfer:
@@ -145,8 +146,9 @@ class DeviceKv:
             r = self.client.load(self.engine_kv, hashes, device_block_ids)
             result = TransferResult(False, r.loaded, r.failed, loaded=r.loaded, nbytes=r.loaded * self.pool.block_bytes)
             return Transfer(self, 0, False, [], result)
-        reply = self._call(p.Onboard(0, self.client.client_id, self.device_id, list(hashes),
-                                     [int(b) for b in device_block_ids]))
+        reply = self._call(p.Onboard(req=0, lease=self.client.lease, device_id=self.device_id, hashes=list(hashes),
+                                     device_block_ids=[int(b) for b in device_block_ids]))
+        check_hits(self.pool.num_blocks, len(hashes), reply.block_ids)
         return self._transfer(reply, False)
 
     def wait_all(self, transfers: Sequence[Transfer], timeout_s: float | None = None) -> list[TransferResult | None]:
@@ -155,11 +157,17 @@ class DeviceKv:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while pending:
             left_s = 3600.0 if deadline is None else max(deadline - time.monotonic(), 0.0)
-            reply = self._call(p.WaitTransfers(0, self.client.client_id, list(pending), int(left_s * 1000)),
+            reply = self._call(p.WaitTransfers(req=0, lease=self.client.lease, transfer_ids=list(pending),
+                                               timeout_ms=int(left_s * 1000)),
                                timeout_s=left_s + self.client.config.timeout_s, socket="waits")
             for status in reply.transfers:
+                t = pending.get(status.transfer_id)
+                if t is None or not set(status.failed) <= set(range(len(t.block_ids))):
+                    raise ProtocolError(f"transfer status {status.transfer_id} (failed {status.failed[:8]}) does not "
+                                        f"fit the transfers asked for: {sorted(pending)[:8]}")
                 if status.done:
-                    pending.pop(status.transfer_id)._finish(status)
+                    del pending[status.transfer_id]
+                    t._finish(status)
             if deadline is not None and time.monotonic() >= deadline:
                 break
         return [t.result for t in transfers]
@@ -168,7 +176,7 @@ class DeviceKv:
         """Stop transfers of these tensors; returns once no worker maps them any more."""
         if self.mode == "worker" and self._sockets:
             try:
-                self._call(p.UnregisterDevice(0, self.client.client_id, self.device_id),
+                self._call(p.UnregisterDevice(req=0, lease=self.client.lease, device_id=self.device_id),
                            timeout_s=max(self.client.config.timeout_s, 60.0))
             finally:
                 self._exports.release()
@@ -185,7 +193,7 @@ class DeviceKv:
     def _transfer(self, reply: p.TransferReply, offload: bool) -> Transfer:
         t = Transfer(self, reply.transfer_id, offload, reply.block_ids)
         if reply.transfer_id == 0:  # nothing to move
-            t._finish(p.TransferStatus(0, True))
+            t._finish(p.TransferStatus(transfer_id=0, done=True))
         return t
 
     def _socket(self) -> zmq.Socket:
@@ -212,6 +220,7 @@ class DeviceKv:
                 reply = p.decode_reply(sock.recv_multipart())
                 if reply.req != request.req:
                     continue  # the late reply of an earlier call that timed out
+                p.check_reply_kind(request, reply)
                 if isinstance(reply, p.ErrorReply):
                     raise error_from_code(reply.code, reply.message)
                 return reply

@@ -35,6 +35,7 @@ class ErrorCode(enum.IntEnum):
     WORKER_FAILED = 19  # a worker process died or failed the job; the blocks were not moved
     UNKNOWN_DEVICE = 20  # the device (G1) registration is not, or no longer, known
     DEVICE_FAILED = 21  # a CUDA call, or exporting or importing a tensor across processes, failed
+    CAPACITY = 22  # a bound on what a peer or the instance may hold (leases, pools, devices) is reached
 
 
 _RETRYABLE = {ErrorCode.UNKNOWN_LEASE, ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE, ErrorCode.WORKER_FAILED}
@@ -78,7 +79,8 @@ class LeaseError(KvbmError):
 
 
 class CapacityError(KvbmError):
-    """No room: the CPU cache budget or /dev/shm cannot hold what was asked."""
+    """No room: the CPU cache budget or /dev/shm cannot hold what was asked, or a bound on
+    leases, pools or devices is reached (CAPACITY)."""
 
     code = ErrorCode.BUDGET_EXHAUSTED
 
@@ -116,6 +118,7 @@ _BY_CODE: dict[ErrorCode, type[KvbmError]] = {
     ErrorCode.UNKNOWN_LEASE: LeaseError,
     ErrorCode.BUDGET_EXHAUSTED: CapacityError,
     ErrorCode.SHM_FULL: CapacityError,
+    ErrorCode.CAPACITY: CapacityError,
     ErrorCode.TIMEOUT: CoordinatorUnavailable,
     ErrorCode.UNAVAILABLE: CoordinatorUnavailable,
     ErrorCode.CORRUPT: CorruptionError,

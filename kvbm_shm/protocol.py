@@ -14,6 +14,12 @@ lives; a subscriber that sees a gap or a new `instance_id` has missed events).
 Nothing that crosses a process boundary is pickled. Field order is part of the protocol; new
 fields go last with a default, and incompatible changes bump `PROTOCOL_VERSION`.
 
+Leases: `Hello` opens one and its reply carries `lease`, a random token that identifies it; every
+request that acts on a lease carries that token (never a bare client id, which is only a display
+name and restarts with the coordinator). A token the coordinator does not know (ended, or issued
+by an earlier coordinator start) gets `UNKNOWN_LEASE`. Strings and lists that the coordinator keeps
+(names, reasons, device tensors) have a maximum length checked while decoding.
+
 Block ids in `AllocateReply.block_ids` are pool block indices >= 0, or one of the sentinels
 `ALREADY_STORED` (the hash is registered: nothing to write), `IN_FLIGHT` (another client is
 writing it) and `NO_ROOM` (nothing could be evicted to make room).
@@ -28,7 +34,7 @@ import msgspec
 from .errors import ErrorCode, ProtocolError
 from .layout import EngineLayout, Namespace
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 VERSION_FRAME = b"kvbm/%d" % PROTOCOL_VERSION
 EVENTS_TOPIC = b"kv"
 
@@ -36,6 +42,14 @@ EVENTS_TOPIC = b"kv"
 SequenceHash = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
 Checksum = Annotated[int, msgspec.Meta(ge=0)]  # a block checksum (msgpack caps it at 2**64 - 1)
 Priority = Annotated[int, msgspec.Meta(ge=-2**15, lt=2**15)]  # eviction priority (int16 in the table)
+LEASE_TOKEN_BYTES = 16
+LeaseToken = Annotated[bytes, msgspec.Meta(min_length=LEASE_TOKEN_BYTES, max_length=LEASE_TOKEN_BYTES)]
+MAX_NAME_BYTES = 256  # client names, reasons: kept (or logged) by the coordinator
+ShortStr = Annotated[str, msgspec.Meta(max_length=MAX_NAME_BYTES)]
+ShortBytes = Annotated[bytes, msgspec.Meta(max_length=MAX_NAME_BYTES)]
+MAX_INVALIDATE_BLOCKS = 64  # the coordinator re-reads every listed block's bytes
+MAX_DEVICE_TENSORS = 4096  # tensors of one registered device (two per layer is typical)
+MAX_TENSOR_DIMS = 16
 
 ALREADY_STORED = -1
 IN_FLIGHT = -2
@@ -60,7 +74,7 @@ class _Request(msgspec.Struct, tag_field="op", array_like=True):
 class Hello(_Request, tag="hello"):
     """First call: checks the protocol and opens a lease for the calling process."""
 
-    name: str
+    name: ShortStr
     pid: int
     protocol: int = PROTOCOL_VERSION
 
@@ -68,7 +82,7 @@ class Hello(_Request, tag="hello"):
 class RegisterLayout(_Request, tag="register_layout"):
     """Get (or create) the G2 pool of a namespace. `cache_bytes` 0: the coordinator sizes it."""
 
-    client_id: int
+    lease: LeaseToken
     namespace: Namespace
     cache_bytes: int = 0
 
@@ -76,7 +90,7 @@ class RegisterLayout(_Request, tag="register_layout"):
 class Lookup(_Request, tag="lookup"):
     """Longest cached prefix of `hashes`; with `pin`, the hits are pinned under the lease."""
 
-    client_id: int
+    lease: LeaseToken
     pool_id: int
     hashes: list[SequenceHash]
     pin: bool = False
@@ -85,7 +99,7 @@ class Lookup(_Request, tag="lookup"):
 class Allocate(_Request, tag="allocate"):
     """Prepare a store: a Partial block owned by the caller for every hash not yet cached."""
 
-    client_id: int
+    lease: LeaseToken
     pool_id: int
     hashes: list[SequenceHash]
 
@@ -93,7 +107,7 @@ class Allocate(_Request, tag="allocate"):
 class Commit(_Request, tag="commit"):
     """The caller filled these Partial blocks: register them (matchable) with their checksums."""
 
-    client_id: int
+    lease: LeaseToken
     pool_id: int
     block_ids: list[int]
     checksums: list[Checksum]
@@ -103,7 +117,7 @@ class Commit(_Request, tag="commit"):
 class Release(_Request, tag="release"):
     """Drop one pin per listed block."""
 
-    client_id: int
+    lease: LeaseToken
     pool_id: int
     block_ids: list[int]
 
@@ -111,7 +125,7 @@ class Release(_Request, tag="release"):
 class Free(_Request, tag="free"):
     """Abort unfinished (Partial) blocks owned by the caller: back to the pool."""
 
-    client_id: int
+    lease: LeaseToken
     pool_id: int
     block_ids: list[int]
 
@@ -119,29 +133,41 @@ class Free(_Request, tag="free"):
 class Touch(_Request, tag="touch"):
     """Mark cached hashes as used now (LRU), optionally setting their eviction priority."""
 
-    client_id: int
+    lease: LeaseToken
     pool_id: int
     hashes: list[SequenceHash]
     priority: Priority | None = None
 
 
 class Invalidate(_Request, tag="invalidate"):
-    """The caller found these blocks' bytes bad (checksum mismatch): drop them from the cache."""
+    """The caller found these blocks' bytes bad (checksum mismatch). The coordinator checksums
+    each block again and drops only those whose bytes really differ from their record; the reply's
+    count says how many it dropped."""
 
-    client_id: int
+    lease: LeaseToken
     pool_id: int
-    block_ids: list[int]
-    reason: str = ""
+    block_ids: Annotated[list[int], msgspec.Meta(max_length=MAX_INVALIDATE_BLOCKS)]
+    reason: ShortStr = ""
+
+
+class Cancel(_Request, tag="cancel"):
+    """The caller gave up waiting for its request `target` (a timeout): undo what it left held
+    under the lease, i.e. the pins of a `Lookup(pin=True)` (one still waiting for the disk tier
+    pins nothing when it completes) and the unfinished blocks of an `Allocate`. Sent on the same
+    socket, so it arrives after its target. The reply's count: blocks released or freed."""
+
+    lease: LeaseToken
+    target: int
 
 
 class Heartbeat(_Request, tag="heartbeat"):
-    client_id: int
+    lease: LeaseToken
 
 
 class Goodbye(_Request, tag="goodbye"):
     """Close the lease now: pins dropped, unfinished blocks freed."""
 
-    client_id: int
+    lease: LeaseToken
 
 
 class Stats(_Request, tag="stats"):
@@ -149,7 +175,7 @@ class Stats(_Request, tag="stats"):
 
 
 Request = Union[Hello, RegisterLayout, Lookup, Allocate, Commit, Release, Free, Touch, Invalidate,
-                Heartbeat, Goodbye, Stats]
+                Cancel, Heartbeat, Goodbye, Stats]
 
 # ---------------------------------------------------------------- replies
 
@@ -169,7 +195,8 @@ class OkReply(_Reply, tag="ok"):
 
 
 class HelloReply(_Reply, tag="hello"):
-    client_id: int
+    client_id: int  # for display (stats, block owners); restarts at 1 with the coordinator
+    lease: LeaseToken  # carried by every request that acts on the lease; never shown to others
     lease_ms: int
     instance: str
     instance_id: str  # changes on every coordinator start
@@ -210,7 +237,7 @@ class PoolStats(msgspec.Struct):
 
 
 class ClientInfo(msgspec.Struct):
-    client_id: int
+    client_id: int  # the display id, never the lease token
     name: str
     pid: int
     pins: int
@@ -295,15 +322,15 @@ class EventBatch(msgspec.Struct):
 class ShmTensor(msgspec.Struct, tag="shm", array_like=True):
     """A CPU stand-in tensor: `offset` bytes into the shm segment `segment`."""
 
-    segment: str
+    segment: ShortStr
     offset: int
 
 
 class CudaIpcTensor(msgspec.Struct, tag="cuda_ipc", array_like=True):
     """cudaMalloc memory: legacy IPC handle of the allocation base, the tensor `offset` bytes in."""
 
-    device_uuid: bytes  # 16 bytes: ordinals differ between processes, UUIDs do not
-    handle: bytes  # the 64-byte CUipcMemHandle of the allocation base
+    device_uuid: ShortBytes  # 16 bytes: ordinals differ between processes, UUIDs do not
+    handle: ShortBytes  # the 64-byte CUipcMemHandle of the allocation base
     alloc_bytes: int
     offset: int
 
@@ -321,39 +348,39 @@ class CudaVmmTensor(msgspec.Struct, tag="cuda_vmm", array_like=True):
     The importer connects to the exporter's abstract AF_UNIX socket `fd_socket`, sends `token`,
     and receives one POSIX file descriptor per piece (SCM_RIGHTS)."""
 
-    device_uuid: bytes
-    fd_socket: str
-    token: bytes
+    device_uuid: ShortBytes
+    fd_socket: ShortStr
+    token: ShortBytes
     pieces: list[VmmPiece]
     offset: int
 
 
 class TensorHandle(msgspec.Struct, array_like=True):
     memory: Union[ShmTensor, CudaIpcTensor, CudaVmmTensor]
-    shape: list[int]
-    strides: list[int]  # in bytes
-    dtype: str
+    shape: Annotated[list[int], msgspec.Meta(max_length=MAX_TENSOR_DIMS)]
+    strides: Annotated[list[int], msgspec.Meta(max_length=MAX_TENSOR_DIMS)]  # in bytes
+    dtype: ShortStr
 
 
 class RegisterDevice(_Request, tag="register_device"):
     """Register an engine's KV tensors (in the pool's engine layout) for worker-driven transfers."""
 
-    client_id: int
+    lease: LeaseToken
     pool_id: int
-    tensors: list[TensorHandle]
+    tensors: Annotated[list[TensorHandle], msgspec.Meta(max_length=MAX_DEVICE_TENSORS)]
 
 
 class UnregisterDevice(_Request, tag="unregister_device"):
     """Answered once no transfer uses the device and every worker has closed its handles."""
 
-    client_id: int
+    lease: LeaseToken
     device_id: int
 
 
 class Offload(_Request, tag="offload"):
     """G1 -> G2: copy these device blocks into new G2 blocks for the hashes not yet cached."""
 
-    client_id: int
+    lease: LeaseToken
     device_id: int
     hashes: list[SequenceHash]
     device_block_ids: list[int]
@@ -363,14 +390,14 @@ class Offload(_Request, tag="offload"):
 class Onboard(_Request, tag="onboard"):
     """G2 -> G1: copy the longest cached prefix of `hashes` into these device blocks."""
 
-    client_id: int
+    lease: LeaseToken
     device_id: int
     hashes: list[SequenceHash]
     device_block_ids: list[int]
 
 
 class WaitTransfers(_Request, tag="wait_transfers"):
-    client_id: int
+    lease: LeaseToken
     transfer_ids: list[int]
     timeout_ms: int = 0
 
@@ -399,6 +426,21 @@ class TransfersReply(_Reply, tag="transfers"):
 
 Request = Union[Request, RegisterDevice, UnregisterDevice, Offload, Onboard, WaitTransfers]
 Reply = Union[Reply, DeviceReply, TransferReply, TransfersReply]
+
+# The reply each request gets when it succeeds (besides an ErrorReply).
+REPLY_TO = {
+    Hello: HelloReply, RegisterLayout: PoolReply, Lookup: LookupReply, Allocate: AllocateReply, Commit: OkReply,
+    Release: OkReply, Free: OkReply, Touch: OkReply, Invalidate: OkReply, Cancel: OkReply, Heartbeat: OkReply,
+    Goodbye: OkReply, Stats: StatsReply, RegisterDevice: DeviceReply, UnregisterDevice: OkReply,
+    Offload: TransferReply, Onboard: TransferReply, WaitTransfers: TransfersReply,
+}
+assert set(REPLY_TO) == set(Request.__args__)
+
+
+def check_reply_kind(request: _Request, reply: _Reply) -> None:
+    """ProtocolError unless `reply` is the kind of reply `request` gets (or an error)."""
+    if not isinstance(reply, (ErrorReply, REPLY_TO[type(request)])):
+        raise ProtocolError(f"{type(request).__name__} got a {type(reply).__name__}")
 
 
 # ---------------------------------------------------------------- encoding

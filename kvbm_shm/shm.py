@@ -17,7 +17,9 @@ Primitives:
   The coordinator is the only writer of header and table; it brackets every record update
   with `generation += 1` (odd while writing), and readers use `read_records`, which retries
   records whose generation moved or was odd (a seqlock), so tools can read without the
-  coordinator.
+  coordinator. Clients attach with `table_writable=False` (`SplitSegment`): header and table
+  (everything before the page-aligned `data_offset`) are mapped read-only, the block data
+  read-write, so a client can write block bytes but never a record or a checksum.
 """
 
 from __future__ import annotations
@@ -194,6 +196,43 @@ def _check_name(name: str) -> None:
         raise ValueError(f"segment name {name!r} must start with {SEGMENT_PREFIX!r} and contain no '/'")
 
 
+class SplitSegment(Segment):
+    """A pool segment mapped in two parts from one descriptor: [0, data_offset) read-only (`buf`:
+    header and block table), [data_offset, size) read-write if `writable` (`data_buf`: blocks).
+    `data_offset` comes from the header and must be page aligned; `PoolSegment` checks that the
+    header it then reads names the same offset."""
+
+    def __init__(self, name: str, fd: int, size: int, writable: bool, populate: bool = True):
+        self.name = name
+        self.size = size
+        self.writable = writable
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+        try:
+            head = os.pread(fd, HEADER_DTYPE.itemsize, 0)
+            if len(head) < HEADER_DTYPE.itemsize:
+                raise CorruptionError(f"segment {name} is {size} bytes, too small for a kvbm pool header")
+            self.split = int(np.frombuffer(head, HEADER_DTYPE, 1)[0]["data_offset"])
+            if not 0 < self.split < size or self.split % mmap.ALLOCATIONGRANULARITY:
+                raise CorruptionError(f"segment {name} has an inconsistent header (data offset {self.split})")
+            self.buf = mmap.mmap(fd, self.split, flags=flags, prot=mmap.PROT_READ)
+            self.data_buf = mmap.mmap(fd, size - self.split, flags=flags, offset=self.split,
+                                      prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+        finally:
+            os.close(fd)
+
+    def view(self, dtype, offset: int = 0, count: int = -1) -> np.ndarray:
+        if offset >= self.split:
+            return np.frombuffer(self.data_buf, dtype=dtype, count=count, offset=offset - self.split)
+        return np.frombuffer(self.buf, dtype=dtype, count=count, offset=offset)
+
+    def close(self) -> None:
+        for buf in (self.buf, self.data_buf):
+            try:
+                buf.close()
+            except BufferError:
+                pass
+
+
 class PoolSegment:
     """A G2 pool: header, block table and block data in one segment (see module docstring)."""
 
@@ -216,11 +255,12 @@ class PoolSegment:
         if (int(h["record_bytes"]) != RECORD_DTYPE.itemsize or self.block_stride < self.block_bytes
                 or table_offset < HEADER_BYTES
                 or table_offset + self.num_blocks * RECORD_DTYPE.itemsize > self.data_offset
-                or self.data_offset + self.num_blocks * self.block_stride > seg.size):
+                or self.data_offset + self.num_blocks * self.block_stride > seg.size
+                or isinstance(seg, SplitSegment) and seg.split != self.data_offset):
             raise CorruptionError(f"segment {seg.name} has an inconsistent header")
         self.table = seg.view(RECORD_DTYPE, table_offset, self.num_blocks)
         self.data = seg.view(np.uint8, self.data_offset, self.num_blocks * self.block_stride)
-        self.data_address = seg.address() + self.data_offset
+        self.data_address = self.data.ctypes.data
         self.counters = h["counters"]
 
     @staticmethod
@@ -273,8 +313,11 @@ class PoolSegment:
             raise
 
     @classmethod
-    def attach(cls, name: str, writable: bool = True, populate: bool = True) -> "PoolSegment":
-        seg = Segment.attach(name, writable, populate)
+    def attach(cls, name: str, writable: bool = True, populate: bool = True,
+               table_writable: bool = True) -> "PoolSegment":
+        """Map an existing pool. `table_writable=False` (clients): header and block table
+        read-only, block data as `writable` says (see `SplitSegment`)."""
+        seg = (Segment if table_writable else SplitSegment).attach(name, writable, populate)
         try:
             return cls(seg)
         except BaseException:

@@ -65,7 +65,8 @@ def pin_and_hang(instance, runtime_dir, num_blocks: int, ready_path: str):
     client = connect(instance, runtime_dir, "doomed")
     pool = client.register_layout(namespace(kv))
     client.lookup(pool, prompt_hashes(num_blocks), pin=True)
-    client.request(protocol.Allocate(0, client.client_id, pool.pool_id, prompt_hashes(2, start=10_000)))
+    client.request(protocol.Allocate(req=0, lease=client.lease, pool_id=pool.pool_id,
+                                     hashes=prompt_hashes(2, start=10_000)))
     with open(ready_path, "w") as f:
         f.write(str(os.getpid()))
     while True:

@@ -53,6 +53,7 @@ class Contents:
 
     def allocate_partial(self, index: int) -> int:
         """Leave one block Partial (allocated, never committed) under the client's lease."""
-        reply = self.client.request(p.Allocate(0, self.client.client_id, self.pool.pool_id, [self.hashes[index]]))
+        reply = self.client.request(p.Allocate(req=0, lease=self.client.lease, pool_id=self.pool.pool_id,
+                                               hashes=[self.hashes[index]]))
         assert reply.block_ids[0] >= 0
         return reply.block_ids[0]

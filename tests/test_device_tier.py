@@ -158,7 +158,8 @@ def test_engine_driven_and_worker_driven_agree(coordinator, runtime_dir):
             worker.unregister()
             reader_w.unregister()
             with pytest.raises(RequestError, match="no device"):
-                client.request(p.Offload(0, client.client_id, worker.device_id, hashes(3, 1), [0]))
+                client.request(p.Offload(req=0, lease=client.lease, device_id=worker.device_id, hashes=hashes(3, 1),
+                                         device_block_ids=[0]))
         finally:
             kv.close()
             out.close()
@@ -236,7 +237,7 @@ def test_registration_is_checked(coordinator, runtime_dir):
 
             handles, _ = export_tensors(kv.tensors)
             with pytest.raises(RequestError, match="engine layout"):
-                client.request(p.RegisterDevice(0, client.client_id, pool.pool_id, handles))
+                client.request(p.RegisterDevice(req=0, lease=client.lease, pool_id=pool.pool_id, tensors=handles))
         finally:
             kv.close()
 
@@ -287,7 +288,7 @@ def test_wait_times_out_while_a_worker_is_stopped_then_completes(coordinator, ru
             assert result.moved == 3 and t.done()
             assert len(client.lookup(pool, hashes(9, 3))) == 3
             with pytest.raises(RequestError, match="already reported"):
-                client.request(p.WaitTransfers(0, client.client_id, [t.transfer_id], 0))
+                client.request(p.WaitTransfers(req=0, lease=client.lease, transfer_ids=[t.transfer_id], timeout_ms=0))
             dev.unregister()
         finally:
             kv.close()

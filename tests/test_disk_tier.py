@@ -56,7 +56,8 @@ class Engine:
             self.wait_disk(lambda d: d.writing == 0)
 
     def lookup(self, first: int, count: int) -> p.LookupReply:
-        return self.client.request(p.Lookup(0, self.client.client_id, self.pool.pool_id, HASHES[first:first + count]))
+        return self.client.request(p.Lookup(req=0, lease=self.client.lease, pool_id=self.pool.pool_id,
+                                            hashes=HASHES[first:first + count]))
 
     def load(self, first: int, count: int):
         """Load into fresh tensors; returns the result and whether every loaded block is identical."""

@@ -120,12 +120,12 @@ def test_silent_client_lease_expires(coordinator, instance, runtime_dir):
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.connect(runtime.read_info(runtime_dir / instance).endpoint)
-    s.send_multipart(p.encode(p.Hello(1, "silent", 0)))
+    s.send_multipart(p.encode(p.Hello(req=1, name="silent", pid=0)))
     hello = p.decode_reply(s.recv_multipart())
     assert hello.client_id in [c.client_id for c in stats_of(instance, runtime_dir).clients]
     time.sleep(1.5)
     assert "silent" not in [c.name for c in stats_of(instance, runtime_dir).clients]
-    s.send_multipart(p.encode(p.Heartbeat(2, hello.client_id)))
+    s.send_multipart(p.encode(p.Heartbeat(req=2, lease=hello.lease)))
     reply = p.decode_reply(s.recv_multipart())
     assert isinstance(reply, p.ErrorReply) and reply.code == ErrorCode.UNKNOWN_LEASE
     s.close(0)
@@ -135,8 +135,9 @@ def test_silent_client_lease_expires(coordinator, instance, runtime_dir):
 BAD_FRAMES = [
     ("random bytes", [os.urandom(64)]),
     ("random body", [p.VERSION_FRAME, os.urandom(200)]),
-    ("truncated body", [p.VERSION_FRAME, p.encode(p.Lookup(5, 1, 0, [b"x" * 16]))[1][:-7]]),
-    ("wrong version", [b"kvbm/99", p.encode(p.Stats(6))[1]]),
+    ("truncated body",
+     [p.VERSION_FRAME, p.encode(p.Lookup(req=5, lease=bytes(16), pool_id=0, hashes=[b"x" * 16]))[1][:-7]]),
+    ("wrong version", [b"kvbm/99", p.encode(p.Stats(req=6))[1]]),
     ("unknown op", [p.VERSION_FRAME, msgspec.msgpack.encode(["explode", 7])]),
     ("wrong types", [p.VERSION_FRAME, msgspec.msgpack.encode(["lookup", 8, "me", 0, [], False])]),
     ("only a version", [p.VERSION_FRAME]),
@@ -177,26 +178,28 @@ def test_bad_requests_are_typed_errors(coordinator, instance, runtime_dir):
             client.release(pool, [10_000])
         assert e.value.code == ErrorCode.UNKNOWN_BLOCK
         with pytest.raises(RequestError) as e:
-            client.request(p.Commit(0, client.client_id, pool.pool_id, [1], [0]))
+            client.request(p.Commit(req=0, lease=client.lease, pool_id=pool.pool_id, block_ids=[1], checksums=[0]))
         assert e.value.code == ErrorCode.NOT_OWNER
         with pytest.raises(RequestError) as e:
-            client.request(p.Lookup(0, client.client_id, 99, []))
+            client.request(p.Lookup(req=0, lease=client.lease, pool_id=99, hashes=[]))
         assert e.value.code == ErrorCode.UNKNOWN_POOL
         with pytest.raises(KvbmError, match="<= 32767") as e:
-            client.request(p.Touch(0, client.client_id, pool.pool_id, [], 2**15))
+            client.request(p.Touch(req=0, lease=client.lease, pool_id=pool.pool_id, hashes=[], priority=2**15))
         assert e.value.code == ErrorCode.BAD_REQUEST
         with pytest.raises(KvbmError, match=">= 0"):
-            client.request(p.Commit(0, client.client_id, pool.pool_id, [1], [-1]))
+            client.request(p.Commit(req=0, lease=client.lease, pool_id=pool.pool_id, block_ids=[1], checksums=[-1]))
         with pytest.raises(KvbmError, match="length >= 16"):
-            client.request(p.Lookup(0, client.client_id, pool.pool_id, [b"short"]))
+            client.request(p.Lookup(req=0, lease=client.lease, pool_id=pool.pool_id, hashes=[b"short"]))
         with pytest.raises(LeaseError):
-            client.request(p.Heartbeat(0, 424242))
+            client.request(p.Heartbeat(req=0, lease=bytes(16)))
         # another client's unfinished block cannot be committed by us
         other = engine.connect(instance, runtime_dir, "other")
         other_pool = other.register_layout(pool.namespace)
-        got = other.request(p.Allocate(0, other.client_id, other_pool.pool_id, engine.prompt_hashes(1, start=77)))
+        got = other.request(p.Allocate(req=0, lease=other.lease, pool_id=other_pool.pool_id,
+                                  hashes=engine.prompt_hashes(1, start=77)))
         with pytest.raises(RequestError) as e:
-            client.request(p.Commit(0, client.client_id, pool.pool_id, got.block_ids, [0]))
+            client.request(p.Commit(req=0, lease=client.lease, pool_id=pool.pool_id, block_ids=got.block_ids,
+                                    checksums=[0]))
         assert e.value.code == ErrorCode.NOT_OWNER
         other.close()
         assert stats_of(instance, runtime_dir).pools[0].partial == 0  # goodbye freed it

@@ -58,9 +58,10 @@ def coordinator_client(instance, runtime_dir, op: str, seconds: float, start_at:
             assert len(hits) == BATCH
         else:
             fresh = _hashes((base + n * BATCH * PAGE) % (1 << 31))
-            ids = [b for b in client.request(p.Allocate(0, client.client_id, pool.pool_id, fresh)).block_ids
-                   if b >= 0]
-            client.request(p.Commit(0, client.client_id, pool.pool_id, ids, [0] * len(ids)))
+            reply = client.request(p.Allocate(req=0, lease=client.lease, pool_id=pool.pool_id, hashes=fresh))
+            ids = [b for b in reply.block_ids if b >= 0]
+            client.request(p.Commit(req=0, lease=client.lease, pool_id=pool.pool_id, block_ids=ids,
+                                    checksums=[0] * len(ids)))
         lat.append(time.perf_counter_ns() - t0)
         n += 1
     client.close()
@@ -124,12 +125,12 @@ def main() -> int:
             instance, runtime_dir):
         with Client(instance=instance, runtime_dir=runtime_dir) as c:
             pool = c.register_layout(NAMESPACE)
-            ids = c.request(p.Allocate(0, c.client_id, pool.pool_id, _hashes(0))).block_ids
-            c.request(p.Commit(0, c.client_id, pool.pool_id, ids, [0] * len(ids)))
+            ids = c.request(p.Allocate(req=0, lease=c.lease, pool_id=pool.pool_id, hashes=_hashes(0))).block_ids
+            c.request(p.Commit(req=0, lease=c.lease, pool_id=pool.pool_id, block_ids=ids, checksums=[0] * len(ids)))
             c.touch(pool, _hashes(0), priority=100)  # the allocate runs evict everything else first
         endpoint = f"ipc://{runtime_dir}/echo.sock"
-        request = p.encode(p.Lookup(1, 1, 0, _hashes(0), False))
-        reply = p.encode(p.LookupReply(1, list(range(1000, 1000 + BATCH)), [p.Tier.CPU] * BATCH))
+        request = p.encode(p.Lookup(req=1, lease=bytes(p.LEASE_TOKEN_BYTES), pool_id=0, hashes=_hashes(0)))
+        reply = p.encode(p.LookupReply(req=1, block_ids=list(range(1000, 1000 + BATCH)), tiers=[p.Tier.CPU] * BATCH))
         ready = ctx.Manager().Event()
         server = ctx.Process(target=echo_server, args=(endpoint, reply, ready), daemon=True)
         server.start()

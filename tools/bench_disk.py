@@ -177,10 +177,10 @@ def one_round(args: argparse.Namespace, engine: Engine, work: Path, run_dir: Pat
                 time.sleep(0.2)  # let the subscription reach the publisher
                 trigger = sequence_hashes([1, 2, 3] * PAGE_TOKENS, PAGE_TOKENS)[:1]
                 t0 = time.perf_counter()
-                reply = client.request(p.Allocate(0, client.client_id, pool.pool_id, trigger))
+                reply = client.request(p.Allocate(req=0, lease=client.lease, pool_id=pool.pool_id, hashes=trigger))
                 wait_written(events, n)
                 write_s = time.perf_counter() - t0
-            client.request(p.Free(0, client.client_id, pool.pool_id, reply.block_ids))
+            client.request(p.Free(req=0, lease=client.lease, pool_id=pool.pool_id, block_ids=reply.block_ids))
     finally:
         coordinator.stop()
 
@@ -194,7 +194,7 @@ def one_round(args: argparse.Namespace, engine: Engine, work: Path, run_dir: Pat
         with Client(instance=instance, runtime_dir=run_dir, timeout_s=120) as client:
             pool = client.register_layout(engine.namespace, engine.pool_bytes)
             t0 = time.perf_counter()
-            reply = client.request(p.Lookup(0, client.client_id, pool.pool_id, engine.hashes))
+            reply = client.request(p.Lookup(req=0, lease=client.lease, pool_id=pool.pool_id, hashes=engine.hashes))
             read_s = time.perf_counter() - t0
             assert reply.tiers == [p.Tier.DISK] * n, f"staged {reply.tiers.count(p.Tier.DISK)} of {n}"
             out = np.zeros_like(engine.kv)

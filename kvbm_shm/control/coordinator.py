@@ -7,6 +7,13 @@ pool or block, a block it does not own or has not pinned, malformed values) beco
 `ErrorReply` with its code, and nothing is changed by a refused batch: every batch is checked
 whole before any of it is applied.
 
+Every lease-scoped request names its lease by token (`leases`); a request acts only on what its
+own lease holds. `Cancel` undoes what a request the client gave up on left held (pins of a pinned
+Lookup, blocks of an Allocate). `Invalidate` drops a block only after checksumming its bytes
+again here: a client cannot make good blocks disappear. Bounds: `max_leases`,
+`max_leases_per_process` and `max_pools` (CAPACITY past them), and a namespace description of at
+most `shm.MAX_NAMESPACE_BYTES`.
+
 `sweep()` ends leases that expired or whose process died, dropping their pins and freeing their
 unfinished blocks. `take_events()` hands over the KV events produced since the last call.
 `recover()` adopts the pools a dead coordinator of the same instance left in /dev/shm.
@@ -30,11 +37,12 @@ import msgspec
 from .. import protocol as p
 from ..config import ServiceConfig
 from ..errors import CapacityError, ErrorCode, KvbmError, RequestError
+from ..kernels import cpu_copy
 from ..layout import Namespace
-from ..shm import PoolSegment, list_segments, unlink
+from ..shm import MAX_NAMESPACE_BYTES, BlockState, PoolSegment, list_segments, unlink
 from .devices import DeviceTier
 from .disk_tier import DiskTier, Fetch
-from .leases import Lease, LeaseTable
+from .leases import Held, Lease, LeaseTable
 from .pool import BlockPool
 from .supervisor import WorkerGroup
 
@@ -58,7 +66,7 @@ class Coordinator:
         self.instance_id = uuid.uuid4().hex
         self.events_endpoint = events_endpoint
         self.started = time.monotonic()
-        self.leases = LeaseTable(config.lease_ms)
+        self.leases = LeaseTable(config.lease_ms, config.max_leases, config.max_leases_per_process)
         self.pools: dict[int, BlockPool] = {}
         self._pool_bytes: dict[int, int] = {}
         self._by_fingerprint: dict[str, int] = {}
@@ -71,7 +79,7 @@ class Coordinator:
         self._handlers = {
             p.Hello: self._hello, p.RegisterLayout: self._register_layout, p.Lookup: self._lookup,
             p.Allocate: self._allocate, p.Commit: self._commit, p.Release: self._release,
-            p.Free: self._free, p.Touch: self._touch, p.Invalidate: self._invalidate,
+            p.Free: self._free, p.Touch: self._touch, p.Invalidate: self._invalidate, p.Cancel: self._cancel,
             p.Heartbeat: self._heartbeat, p.Goodbye: self._goodbye, p.Stats: self._stats,
         }
         self.devices = DeviceTier(self)
@@ -189,59 +197,77 @@ class Coordinator:
             raise KvbmError(f"client speaks protocol {m.protocol}, coordinator {p.PROTOCOL_VERSION}",
                             ErrorCode.BAD_VERSION)
         lease = self.leases.open(m.name, m.pid)
-        return p.HelloReply(m.req, lease.client_id, self.config.lease_ms, self.config.instance,
-                            self.instance_id, os.getpid(), self.events_endpoint)
+        return p.HelloReply(req=m.req, client_id=lease.client_id, lease=lease.token, lease_ms=self.config.lease_ms,
+                            instance=self.config.instance, instance_id=self.instance_id,
+                            coordinator_pid=os.getpid(), events_endpoint=self.events_endpoint)
 
     def _register_layout(self, m: p.RegisterLayout) -> p.Reply | Deferred:
-        self.leases.get(m.client_id)
+        self.leases.get(m.lease)
         try:
             m.namespace.validate()
         except ValueError as e:
             raise RequestError(f"invalid namespace: {e}") from e
+        size = len(msgspec.msgpack.encode(m.namespace))
+        if size > MAX_NAMESPACE_BYTES:
+            raise RequestError(f"namespace description is {size} bytes, at most {MAX_NAMESPACE_BYTES}")
         fp = m.namespace.fingerprint
         if fp in self._by_fingerprint:
             return self._pool_reply(m.req, self._by_fingerprint[fp])
         fut = self._creating.get(fp)
         if fut is None:
+            if len(self.pools) + len(self._creating) >= self.config.max_pools:
+                raise CapacityError(f"this instance has {len(self.pools) + len(self._creating)} pools, the most "
+                                    f"it keeps (max_pools): no pool for {m.namespace.model[:64]!r}", ErrorCode.CAPACITY)
             fut = self._start_pool(m.namespace, m.cache_bytes)
         return Deferred(m.req, fut, lambda done: self._pool_created(m.req, m.namespace, done))
 
     def _lookup(self, m: p.Lookup) -> p.Reply | Deferred:
-        lease = self.leases.get(m.client_id)
+        lease = self.leases.get(m.lease)
         pool = self._pool(m.pool_id)
         ids = pool.lookup(m.hashes)
         if self.disk is not None and len(ids) < len(m.hashes):
             fetch = self.disk.fetch(pool, m.hashes, ids)
             if fetch is not None:
+                if m.pin:
+                    lease.deferred_pins.add(m.req)
                 return Deferred(m.req, fetch.future, lambda done: self._fetched(m, pool, fetch))
         if m.pin and ids:
-            pool.pin(ids, lease.client_id)
-            lease.pins.setdefault(pool.pool_id, Counter()).update(ids)
-        return p.LookupReply(m.req, ids, [p.Tier.CPU] * len(ids))
+            self._pin(pool, lease, m.req, ids)
+        return p.LookupReply(req=m.req, block_ids=ids, tiers=[p.Tier.CPU] * len(ids))
 
     def _fetched(self, m: p.Lookup, pool: BlockPool, fetch: Fetch) -> p.Reply:
-        """The Lookup's G3 reads are done: answer with the verified prefix."""
+        """The Lookup's G3 reads are done: answer with the verified prefix (pinned, unless the
+        client cancelled the lookup meanwhile)."""
         try:
             ids, tiers = fetch.result()
-            if m.pin and ids:
-                lease = self.leases.get(m.client_id)
-                pool.pin(ids, lease.client_id)
-                lease.pins.setdefault(pool.pool_id, Counter()).update(ids)
-            return p.LookupReply(m.req, ids, tiers)
+            if m.pin:
+                lease = self.leases.get(m.lease)
+                lease.deferred_pins.discard(m.req)
+                if m.req in lease.cancelled:
+                    lease.cancelled.discard(m.req)
+                    log.info("client %d (%s) cancelled lookup %d while it waited for disk: %d block(s) not pinned",
+                             lease.client_id, lease.name, m.req, len(ids))
+                    return p.LookupReply(req=m.req, block_ids=[], tiers=[])
+                if ids:
+                    self._pin(pool, lease, m.req, ids)
+            return p.LookupReply(req=m.req, block_ids=ids, tiers=tiers)
         finally:
             fetch.release()
 
     def _allocate(self, m: p.Allocate) -> p.Reply:
-        lease = self.leases.get(m.client_id)
+        lease = self.leases.get(m.lease)
         pool = self._pool(m.pool_id)
         ids = pool.allocate(m.hashes, lease.client_id)
-        lease.pending.setdefault(pool.pool_id, set()).update(b for b in ids if b >= 0)
+        mine = [b for b in ids if b >= 0]
+        if mine:
+            lease.pending.setdefault(pool.pool_id, set()).update(mine)
+            lease.remember(m.req, Held(pool.pool_id, mine, pinned=False))
         if self.disk is not None:
             self.disk.allocated(pool, m.hashes)
-        return p.AllocateReply(m.req, ids)
+        return p.AllocateReply(req=m.req, block_ids=ids)
 
     def _commit(self, m: p.Commit) -> p.Reply:
-        lease = self.leases.get(m.client_id)
+        lease = self.leases.get(m.lease)
         pool = self._pool(m.pool_id)
         if len(m.checksums) != len(m.block_ids):
             raise RequestError(f"{len(m.block_ids)} blocks but {len(m.checksums)} checksums")
@@ -253,7 +279,7 @@ class Coordinator:
         return p.OkReply(m.req, n)
 
     def _release(self, m: p.Release) -> p.Reply:
-        lease = self.leases.get(m.client_id)
+        lease = self.leases.get(m.lease)
         pool = self._pool(m.pool_id)
         self._check_ids(pool, m.block_ids)
         held = lease.pins.get(pool.pool_id, Counter())
@@ -261,15 +287,11 @@ class Coordinator:
         missing = [b for b, n in want.items() if held[b] < n]
         if missing:
             raise RequestError(f"client {lease.client_id} holds no pin on blocks {missing[:8]}", ErrorCode.NOT_PINNED)
-        pool.unpin(m.block_ids)
-        held.subtract(want)
-        for b in want:
-            if held[b] == 0:
-                del held[b]
-        return p.OkReply(m.req, len(m.block_ids))
+        self._unpin(pool, lease, want)
+        return p.OkReply(req=m.req, count=len(m.block_ids))
 
     def _free(self, m: p.Free) -> p.Reply:
-        lease = self.leases.get(m.client_id)
+        lease = self.leases.get(m.lease)
         pool = self._pool(m.pool_id)
         self._check_pending(pool, lease, m.block_ids)
         pool.free(m.block_ids)
@@ -277,29 +299,61 @@ class Coordinator:
         return p.OkReply(m.req, len(m.block_ids))
 
     def _touch(self, m: p.Touch) -> p.Reply:
-        self.leases.get(m.client_id)
+        self.leases.get(m.lease)
         pool = self._pool(m.pool_id)
-        return p.OkReply(m.req, pool.touch(m.hashes, m.priority))
+        return p.OkReply(req=m.req, count=pool.touch(m.hashes, m.priority))
 
     def _invalidate(self, m: p.Invalidate) -> p.Reply:
-        lease = self.leases.get(m.client_id)
+        """Drop the listed Registered blocks whose bytes, checksummed here again, differ from
+        their recorded checksum; blocks that verify are kept (and the claim logged)."""
+        lease = self.leases.get(m.lease)
         pool = self._pool(m.pool_id)
         self._check_ids(pool, m.block_ids)
-        n = pool.invalidate(m.block_ids)
+        listed = [b for b in dict.fromkeys(m.block_ids) if pool.state_of(b) == BlockState.REGISTERED]
+        bad = [b for b in listed if cpu_copy.checksum(pool.segment.block(b)) != int(pool.table["checksum"][b])]
+        n = pool.invalidate(bad) if bad else 0
         if n:
-            log.warning("client %d invalidated %d block(s) of pool %d: %s", lease.client_id, n, pool.pool_id,
+            log.warning("client %d (%s) invalidated %d block(s) of pool %d whose bytes fail their checksum: %s",
+                        lease.client_id, lease.name, n, pool.pool_id, m.reason or "no reason given")
+        if len(listed) > len(bad):
+            log.warning("client %d (%s) reported %d block(s) of pool %d bad whose bytes match their checksum: "
+                        "kept (%s)", lease.client_id, lease.name, len(listed) - len(bad), pool.pool_id,
                         m.reason or "no reason given")
-        return p.OkReply(m.req, n)
+        return p.OkReply(req=m.req, count=n)
+
+    def _cancel(self, m: p.Cancel) -> p.Reply:
+        lease = self.leases.get(m.lease)
+        if m.target in lease.deferred_pins:  # still waiting for G3: `_fetched` will not pin
+            lease.cancelled.add(m.target)
+            return p.OkReply(req=m.req, count=0)
+        held = lease.recent.pop(m.target, None)
+        if held is None or held.pool_id not in self.pools:
+            return p.OkReply(req=m.req, count=0)
+        pool = self.pools[held.pool_id]
+        if held.pinned:
+            pins = lease.pins.get(pool.pool_id, Counter())
+            want = Counter(held.block_ids)
+            n = self._unpin(pool, lease, Counter({b: min(k, pins[b]) for b, k in want.items() if pins[b]}))
+        else:
+            mine = lease.pending.get(pool.pool_id, set())
+            ids = [b for b in held.block_ids if b in mine]
+            if ids:
+                pool.free(ids)
+                mine.difference_update(ids)
+            n = len(ids)
+        log.info("client %d (%s) gave up on request %d: %d block(s) %s", lease.client_id, lease.name, m.target, n,
+                 "unpinned" if held.pinned else "freed")
+        return p.OkReply(req=m.req, count=n)
 
     def _heartbeat(self, m: p.Heartbeat) -> p.Reply:
-        self.leases.get(m.client_id)
-        return p.OkReply(m.req)
+        self.leases.get(m.lease)
+        return p.OkReply(req=m.req)
 
     def _goodbye(self, m: p.Goodbye) -> p.Reply:
-        lease = self.leases.close(m.client_id)
+        lease = self.leases.close(m.lease)
         if lease is not None:
             self._end_lease(lease)
-        return p.OkReply(m.req)
+        return p.OkReply(req=m.req)
 
     def _stats(self, m: p.Stats) -> p.Reply:
         now = time.monotonic()
@@ -309,8 +363,9 @@ class Coordinator:
                         block_bytes=pool.segment.block_bytes, counters=pool.counters(), **pool.stats())
             for pool in self.pools.values()
         ]
-        clients = [p.ClientInfo(lease.client_id, lease.name, lease.pid, lease.num_pins(), lease.num_pending(),
-                                int((lease.expires_at - now) * 1000)) for lease in self.leases]
+        clients = [p.ClientInfo(client_id=lease.client_id, name=lease.name, pid=lease.pid, pins=lease.num_pins(),
+                                pending=lease.num_pending(), expires_in_ms=int((lease.expires_at - now) * 1000))
+                   for lease in self.leases]
         return p.StatsReply(m.req, self.config.instance, self.instance_id, os.getpid(), now - self.started,
                             self.config.cpu_cache_bytes, self.used_bytes, pools, clients,
                             dict(self.counters), self.disk.stats() if self.disk is not None else [])
@@ -340,6 +395,26 @@ class Coordinator:
             raise RequestError(f"blocks {foreign[:8]} are not being written by client {lease.client_id}",
                                ErrorCode.NOT_OWNER)
 
+    @staticmethod
+    def _pin(pool: BlockPool, lease: Lease, req: int, ids: list[int]) -> None:
+        """Pin `ids` under `lease` for its lookup `req` (which a Cancel may undo)."""
+        pool.pin(ids, lease.client_id)
+        lease.pins.setdefault(pool.pool_id, Counter()).update(ids)
+        lease.remember(req, Held(pool.pool_id, ids, pinned=True))
+
+    @staticmethod
+    def _unpin(pool: BlockPool, lease: Lease, pins: Counter) -> int:
+        """Drop `pins` (block -> count), all held by `lease`; returns how many."""
+        ids = list(pins.elements())
+        if ids:
+            pool.unpin(ids)
+            held = lease.pins[pool.pool_id]
+            held.subtract(pins)
+            for b in pins:
+                if held[b] == 0:
+                    del held[b]
+        return len(ids)
+
     def _end_lease(self, lease: Lease) -> None:
         for pool_id, pins in lease.pins.items():
             if pool_id in self.pools and pins:
@@ -349,6 +424,7 @@ class Coordinator:
                 self.pools[pool_id].free(sorted(pending))
         lease.pins.clear()
         lease.pending.clear()
+        lease.recent.clear()
         self.devices.end_lease(lease)
 
     def _start_pool(self, ns: Namespace, cache_bytes: int) -> concurrent.futures.Future:

@@ -5,7 +5,8 @@ The coordinator tracks an engine's device blocks (how many, which a transfer tou
 allocates or maps engine memory. Contract of the requests (`protocol`, device tier section):
 
 - `RegisterDevice`: the tensors must match the pool's engine layout (checked by binding them at
-  address 0) and a stand-in segment must belong to this instance. Needs transfer workers.
+  address 0) and a stand-in segment must belong to this instance. Needs transfer workers. A lease
+  holds at most `MAX_DEVICES_PER_LEASE` devices (CAPACITY past it).
 - `Offload`: G2 blocks are allocated for the hashes not yet cached (Partial, held by the
   transfer, not by the caller's lease) and one job is submitted. When it ends: done -> the blocks
   are committed with the checksums the worker computed (Registered, a KV event); failed, the
@@ -37,7 +38,7 @@ import msgspec
 from .. import protocol as p
 from .. import standin
 from ..device_ipc import TensorView
-from ..errors import ErrorCode, RequestError
+from ..errors import CapacityError, ErrorCode, RequestError
 from ..hashing import HASH_BYTES
 from ..layout import Namespace
 from .leases import Lease
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WORKER_KIND = "transfer"
+MAX_DEVICES_PER_LEASE = 64
 _REAP_EVERY_S = 5.0
 
 
@@ -140,7 +142,7 @@ class DeviceTier:
     # ------------------------------------------------------------ handlers
 
     def _register(self, m: p.RegisterDevice) -> p.Reply:
-        lease = self._c.leases.get(m.client_id)
+        lease = self._c.leases.get(m.lease)
         pool = self._c._pool(m.pool_id)
         if self._group() is None:
             raise RequestError("this coordinator runs no transfer workers (transfer_workers=0): "
@@ -149,6 +151,10 @@ class DeviceTier:
         for h in m.tensors:
             if isinstance(h.memory, p.ShmTensor) and not h.memory.segment.startswith(prefix):
                 raise RequestError(f"stand-in segment {h.memory.segment!r} is not of this instance ({prefix}*)")
+        held = sum(d.client_id == lease.client_id for d in self.devices.values())
+        if held >= MAX_DEVICES_PER_LEASE:
+            raise CapacityError(f"client {lease.client_id} has {held} devices registered, the most a lease may",
+                                ErrorCode.CAPACITY)
         ns = self._namespace(pool)
         try:
             table = ns.engine_layout.bind([TensorView.of(h, 0) for h in m.tensors])
@@ -160,18 +166,18 @@ class DeviceTier:
         kinds = sorted({type(h.memory).__name__ for h in m.tensors})
         log.info("client %d registered device %d: %d tensor(s) (%s), %d device blocks, pool %d", lease.client_id,
                  device_id, len(m.tensors), ", ".join(kinds), table.num_device_blocks, pool.pool_id)
-        return p.DeviceReply(m.req, device_id, table.num_device_blocks)
+        return p.DeviceReply(req=m.req, device_id=device_id, num_device_blocks=table.num_device_blocks)
 
     def _unregister(self, m: p.UnregisterDevice) -> "Deferred":
         from .coordinator import Deferred
 
-        lease = self._c.leases.get(m.client_id)
+        lease = self._c.leases.get(m.lease)
         device = self._device(m.device_id, lease, allow_closing=True)
         self._start_closing(device)
-        return Deferred(m.req, device.closed, lambda _: p.OkReply(m.req))
+        return Deferred(m.req, device.closed, lambda _: p.OkReply(req=m.req))
 
     def _offload(self, m: p.Offload) -> p.Reply:
-        lease = self._c.leases.get(m.client_id)
+        lease = self._c.leases.get(m.lease)
         device = self._device(m.device_id, lease)
         self._check_batch(device, m.hashes, m.device_block_ids)
         pool = self._c.pools[device.pool_id]
@@ -180,30 +186,30 @@ class DeviceTier:
             self._c.disk.allocated(pool, m.hashes)
         positions = [i for i, b in enumerate(ids) if b >= 0]
         if not positions:
-            return p.TransferReply(m.req, 0, ids)
+            return p.TransferReply(req=m.req, transfer_id=0, block_ids=ids)
         t = self._submit(device, pool, True, [m.device_block_ids[i] for i in positions], [ids[i] for i in positions],
                          positions, m.priority)
-        return p.TransferReply(m.req, t.transfer_id, ids)
+        return p.TransferReply(req=m.req, transfer_id=t.transfer_id, block_ids=ids)
 
     def _onboard(self, m: p.Onboard) -> p.Reply:
-        lease = self._c.leases.get(m.client_id)
+        lease = self._c.leases.get(m.lease)
         device = self._device(m.device_id, lease)
         self._check_batch(device, m.hashes, m.device_block_ids)
         pool = self._c.pools[device.pool_id]
         ids = pool.lookup(m.hashes)
         if not ids:
-            return p.TransferReply(m.req, 0, [])
+            return p.TransferReply(req=m.req, transfer_id=0, block_ids=[])
         targets = m.device_block_ids[:len(ids)]
         if len(set(targets)) != len(targets):
             raise RequestError("device block ids repeat within the loaded prefix")
         pool.pin(ids, lease.client_id)
         t = self._submit(device, pool, False, targets, ids, list(range(len(ids))))
-        return p.TransferReply(m.req, t.transfer_id, ids)
+        return p.TransferReply(req=m.req, transfer_id=t.transfer_id, block_ids=ids)
 
     def _wait(self, m: p.WaitTransfers) -> p.Reply | "Deferred":
         from .coordinator import Deferred
 
-        lease = self._c.leases.get(m.client_id)
+        lease = self._c.leases.get(m.lease)
         pending = []
         for tid in m.transfer_ids:
             t = self.transfers.get(tid)

@@ -1,32 +1,62 @@
 """Client leases. Runs in the coordinator process only.
 
 A client opens a lease with hello and keeps it alive with any request (heartbeats included).
-The lease records every pin the client holds and every Partial block it is writing, per pool.
-A lease ends by goodbye, by silence longer than `lease_ms`, or as soon as the client's process
-is seen dead (same node: the pid is checked on every sweep). `LeaseTable.expired` hands ended
-leases back to the coordinator, which drops their pins and frees their unfinished blocks, so a
-crashed client leaks nothing.
+A lease is identified by `token`, 16 random bytes handed out in the hello reply and required by
+every request that acts on the lease: unique across coordinator starts and not guessable, so one
+client cannot act for another and a client of an earlier coordinator start is told its lease is
+gone (`LeaseError`). `client_id` is a small number for display and block owners only.
+The lease records every pin the client holds and every Partial block it is writing, per pool,
+and its last few pinning or allocating requests (`recent`), so that a request the client gave
+up on (timed out) can be undone by `Cancel`. A lease ends by goodbye, by silence longer than
+`lease_ms`, or as soon as the client's process is seen dead (same node: the pid is checked on
+every sweep). `LeaseTable.expired` hands ended leases back to the coordinator, which drops their
+pins and frees their unfinished blocks, so a crashed client leaks nothing.
+`open` refuses (CAPACITY) past `max_leases` leases in all or `max_leases_per_process` of one pid.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import secrets
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 
-from ..errors import LeaseError
+from ..errors import CapacityError, ErrorCode, LeaseError
+from ..protocol import LEASE_TOKEN_BYTES
 from ..runtime import pid_alive
+
+RECENT_REQUESTS = 32  # pinning/allocating requests of a lease that a Cancel can still undo
+
+
+@dataclasses.dataclass
+class Held:
+    """What one request left held under its lease: pins (a pinned Lookup) or Partial blocks (an Allocate)."""
+
+    pool_id: int
+    block_ids: list[int]
+    pinned: bool
 
 
 @dataclasses.dataclass
 class Lease:
     client_id: int
+    token: bytes
     name: str
     pid: int
     expires_at: float  # time.monotonic()
     pins: dict[int, Counter] = dataclasses.field(default_factory=dict)  # pool -> block -> count
     pending: dict[int, set[int]] = dataclasses.field(default_factory=dict)  # pool -> blocks
+    recent: OrderedDict[int, Held] = dataclasses.field(default_factory=OrderedDict)  # req -> what it holds
+    deferred_pins: set[int] = dataclasses.field(default_factory=set)  # reqs of pinned lookups waiting for G3
+    cancelled: set[int] = dataclasses.field(default_factory=set)  # of those, the ones the client gave up on
+
+    def remember(self, req: int, held: Held) -> None:
+        """Record what request `req` left held, forgetting the oldest beyond RECENT_REQUESTS."""
+        self.recent[req] = held
+        self.recent.move_to_end(req)
+        if len(self.recent) > RECENT_REQUESTS:
+            self.recent.popitem(last=False)
 
     def num_pins(self) -> int:
         return sum(sum(c.values()) for c in self.pins.values())
@@ -36,33 +66,54 @@ class Lease:
 
 
 class LeaseTable:
-    def __init__(self, lease_ms: int):
+    def __init__(self, lease_ms: int, max_leases: int, max_leases_per_process: int):
         self.lease_s = lease_ms / 1000
-        self._leases: dict[int, Lease] = {}
+        self.max_leases = max_leases
+        self.max_leases_per_process = max_leases_per_process
+        self._leases: dict[bytes, Lease] = {}  # by token
+        self._per_pid: Counter = Counter()
         self._ids = itertools.count(1)
 
     def open(self, name: str, pid: int) -> Lease:
-        lease = Lease(next(self._ids), name, pid, time.monotonic() + self.lease_s)
-        self._leases[lease.client_id] = lease
+        if len(self._leases) >= self.max_leases:
+            raise CapacityError(f"{len(self._leases)} leases are open, the most this coordinator keeps "
+                                "(max_leases)", ErrorCode.CAPACITY)
+        if self._per_pid[pid] >= self.max_leases_per_process:
+            raise CapacityError(f"process {pid} holds {self._per_pid[pid]} leases, the most one process may "
+                                "(max_leases_per_process)", ErrorCode.CAPACITY)
+        lease = Lease(next(self._ids), secrets.token_bytes(LEASE_TOKEN_BYTES), name, pid,
+                      time.monotonic() + self.lease_s)
+        self._leases[lease.token] = lease
+        self._per_pid[pid] += 1
         return lease
 
-    def get(self, client_id: int) -> Lease:
-        """The live lease of `client_id`, renewed. LeaseError if unknown or ended."""
-        lease = self._leases.get(client_id)
+    def get(self, token: bytes) -> Lease:
+        """The live lease of `token`, renewed. LeaseError if unknown or ended."""
+        lease = self._leases.get(token)
         if lease is None:
-            raise LeaseError(f"client {client_id} has no lease (expired, or the coordinator restarted): say hello again")
+            raise LeaseError("unknown lease (it ended, or was issued by an earlier coordinator start): "
+                             "say hello again")
         lease.expires_at = time.monotonic() + self.lease_s
         return lease
 
-    def close(self, client_id: int) -> Lease | None:
-        return self._leases.pop(client_id, None)
+    def close(self, token: bytes) -> Lease | None:
+        lease = self._leases.get(token)
+        if lease is not None:
+            self._remove(lease)
+        return lease
+
+    def _remove(self, lease: Lease) -> None:
+        del self._leases[lease.token]
+        self._per_pid[lease.pid] -= 1
+        if not self._per_pid[lease.pid]:
+            del self._per_pid[lease.pid]
 
     def expired(self, now: float | None = None) -> list[Lease]:
         """Remove and return leases that timed out or whose process is gone."""
         now = time.monotonic() if now is None else now
         ended = [lease for lease in self._leases.values() if lease.expires_at < now or not _alive(lease.pid)]
         for lease in ended:
-            del self._leases[lease.client_id]
+            self._remove(lease)
         return ended
 
     def __iter__(self):

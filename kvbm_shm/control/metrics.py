@@ -116,8 +116,8 @@ class Metrics:
             cls: _Histogram(REQUEST_BUCKETS_S) for cls in p.Request.__args__}
         self._transfer_seconds: dict[str, _Histogram] = {}
         self._transfer_bytes: dict[str, int] = {}
-        self._stores: dict[tuple[int, int], float] = {}  # (client, pool) -> allocate time
-        self._loads: dict[tuple[int, int, int], float] = {}  # (client, pool, first block) -> pin time
+        self._stores: dict[tuple[bytes, int], float] = {}  # (lease, pool) -> allocate time
+        self._loads: dict[tuple[bytes, int, int], float] = {}  # (lease, pool, first block) -> pin time
         for path in (STORE_PATH, LOAD_PATH):
             self._transfer_seconds[path] = _Histogram(TRANSFER_BUCKETS_S)
             self._transfer_bytes[path] = 0
@@ -161,18 +161,18 @@ class Metrics:
             if isinstance(reply, p.AllocateReply) and reply.block_ids and max(reply.block_ids) >= 0:
                 if len(self._stores) >= _MAX_OPEN_WINDOWS:
                     self._stores.clear()
-                self._stores[msg.client_id, msg.pool_id] = now
+                self._stores[msg.lease, msg.pool_id] = now
         elif kind is p.Commit or kind is p.Free:
-            began = self._stores.pop((msg.client_id, msg.pool_id), None)
+            began = self._stores.pop((msg.lease, msg.pool_id), None)
             if began is not None and kind is p.Commit and isinstance(reply, p.OkReply):
                 self._transferred(STORE_PATH, msg.pool_id, len(msg.block_ids), now - began)
         elif kind is p.Lookup:
             if msg.pin and isinstance(reply, p.LookupReply) and reply.block_ids:
                 if len(self._loads) >= _MAX_OPEN_WINDOWS:
                     self._loads.clear()
-                self._loads[msg.client_id, msg.pool_id, reply.block_ids[0]] = now
+                self._loads[msg.lease, msg.pool_id, reply.block_ids[0]] = now
         elif kind is p.Release and msg.block_ids:
-            began = self._loads.pop((msg.client_id, msg.pool_id, msg.block_ids[0]), None)
+            began = self._loads.pop((msg.lease, msg.pool_id, msg.block_ids[0]), None)
             if began is not None and isinstance(reply, p.OkReply):
                 self._transferred(LOAD_PATH, msg.pool_id, len(msg.block_ids), now - began)
 

@@ -11,10 +11,13 @@ Primitives:
   connect it runs `on_connect(client)` (register pools, bind tensors) and keeps what it returns
   as the link's state. Only then is the link up.
 - `call(fn)`: `fn(client, state)` while the link is up; `None` at once while it is down. A call
-  that finds the coordinator gone (`CoordinatorUnavailable`) marks the link down and wakes the
-  reconnect thread; a refused request (`KvbmError`) is logged and gives `None`. So a caller never
-  waits longer than one deadline (`ClientConfig.timeout_s`) in total for a dead service, and not
-  at all afterwards.
+  that finds no coordinator (`CoordinatorUnavailable`, code UNAVAILABLE) marks the link down and
+  wakes the reconnect thread. A call that timed out (code TIMEOUT: the coordinator took the
+  request but was slow, e.g. staging from disk) gives `None` and leaves the link up; only
+  `MAX_TIMEOUTS_IN_A_ROW` timeouts without a call that succeeded in between (a hung coordinator)
+  mark it down. A refused request (`KvbmError`) is logged and gives `None`. So a caller never
+  waits longer than one deadline (`ClientConfig.timeout_s`) in total for a dead service, nor
+  longer than `MAX_TIMEOUTS_IN_A_ROW` deadlines for a hung one, and not at all afterwards.
 - `on_connect` raising `ValueError` (the engine's tensors do not fit the namespace) disables the
   link for good: it is logged once and every `call` gives `None`.
 - `close()`: stops the thread and closes the client (its lease ends, pins drop).
@@ -31,9 +34,11 @@ from typing import Any, Callable, TypeVar
 
 from ..client import Client
 from ..config import ClientConfig
-from ..errors import CoordinatorUnavailable, KvbmError
+from ..errors import CoordinatorUnavailable, ErrorCode, KvbmError
 
 log = logging.getLogger(__name__)
+
+MAX_TIMEOUTS_IN_A_ROW = 3
 
 R = TypeVar("R")
 
@@ -52,6 +57,7 @@ class ServiceLink:
         self._wake = threading.Event()
         self._closed = False
         self._disabled = False
+        self._timeouts = 0  # calls in a row that timed out
         if self._connect():
             log.info("kvbm-shm service connected (%s)", name)
         self._thread = threading.Thread(target=self._run, name=f"kvbm-link-{name}", daemon=True)
@@ -69,8 +75,14 @@ class ServiceLink:
         if not self._up.is_set():
             return None
         try:
-            return fn(self._client, self._state)
+            result = fn(self._client, self._state)
+            self._timeouts = 0
+            return result
         except CoordinatorUnavailable as e:
+            if e.code == ErrorCode.TIMEOUT and self._timeouts + 1 < MAX_TIMEOUTS_IN_A_ROW:
+                self._timeouts += 1
+                log.warning("kvbm-shm request timed out (%s): skipped, the service stays in use", e)
+                return None
             if self._up.is_set():
                 log.warning("kvbm-shm service unavailable (%s): continuing without it", e)
             self._mark_down()
@@ -90,6 +102,7 @@ class ServiceLink:
     # ------------------------------------------------------------ reconnect thread
 
     def _mark_down(self) -> None:
+        self._timeouts = 0
         self._up.clear()
         self._wake.set()
 

@@ -50,7 +50,8 @@ class StatsProbe:
         if not self._sock.poll(self.timeout_s * 1000, zmq.POLLOUT):
             raise CoordinatorUnavailable(f"nothing answered at {self.endpoint} within {self.timeout_s:g} s "
                                          "(no coordinator, or its process is stopped)")
-        self._sock.send_multipart(p.encode(p.Stats(req)), zmq.NOBLOCK)
+        request = p.Stats(req=req)
+        self._sock.send_multipart(p.encode(request), zmq.NOBLOCK)
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self._sock.poll(left * 1000):
@@ -60,6 +61,7 @@ class StatsProbe:
             reply = p.decode_reply(self._sock.recv_multipart())
             if reply.req != req:
                 continue
+            p.check_reply_kind(request, reply)
             if isinstance(reply, p.ErrorReply):
                 raise error_from_code(reply.code, reply.message)
             return reply
