@@ -28,7 +28,13 @@ of its size (at most 1024 blocks), the blocks next in line for eviction that are
 written. On success the G2 block's `tier` becomes 3 (evicting it then loses nothing: G3 serves
 it) and it goes back to the eviction end. A failed write leaves the block in G2, dirty; a slot the
 disk had no room for (ENOSPC on a sparse file) is retired. With `disk_write_through`, every
-committed block is written at once, whatever the filter says.
+committed block is written at once, whatever the filter says, and is kept until written: it is
+pinned from its commit until its write ends (a write lost with its worker is queued again), so
+eviction cannot take it first. At most `WRITE_THROUGH_SHARE` of a pool waits so (G2 must keep
+room to serve); a block committed past that, or invalidated while waiting, is not written:
+counted in the G3 file's `write_through_dropped` and logged (rate-limited). So every block
+committed with write-through on either reaches G3 or is counted (or failed a write, counted in
+`write_errors`/`no_space_blocks`/`bad_g2_blocks`).
 
 Staging: a read that verified registers its G2 block (tier 3, G2 checksum from the slot). One
 that did not (EBADMSG, ENODATA, an I/O error) is freed, its slot dropped and counted, and the
@@ -65,6 +71,8 @@ WORKER_KIND = "disk"
 WORKER_MODULE = "kvbm_shm.workers.disk_io"
 _JOB_BYTES = 32 << 20  # bytes per job: large enough to keep a worker's threads busy
 MAX_WINDOW = 1024  # blocks ahead of eviction that write-back looks at, at most
+WRITE_THROUGH_SHARE = 0.5  # of a pool's blocks, at most this many wait (pinned) for write-through
+_DROP_LOG_EVERY_S = 10.0
 _NOT_REJECTED = np.uint64(2**64 - 1)
 
 
@@ -78,7 +86,8 @@ class _Attached:
     # is untouched (no hit, no touch, no reuse) and its hash is not stored again, the answer stands
     rejected_at: np.ndarray
     writing: int = 0  # blocks pinned by write jobs in flight: as good as clean for the window
-    write_through: collections.deque = dataclasses.field(default_factory=collections.deque)  # (block, hash)
+    # (block, hash) committed and not yet written; each holds one pin while queued or being written
+    write_through: collections.deque = dataclasses.field(default_factory=collections.deque)
 
 
 @dataclasses.dataclass(eq=False)
@@ -155,6 +164,8 @@ class DiskTier:
         self._staging: dict[tuple[int, bytes], tuple[_Read, int]] = {}
         self._writes_in_flight = 0
         self._closed = False
+        self._dropped_since_log = 0
+        self._next_drop_log = 0.0
 
     # ------------------------------------------------------------ hooks
 
@@ -186,9 +197,16 @@ class DiskTier:
 
     def committed(self, pool: BlockPool, ids: list[int]) -> None:
         attached = self._by_pool.get(pool.pool_id)
-        if attached is not None and self.config.disk_write_through:
-            attached.write_through.extend((b, pool.hash_of(b)) for b in ids)
-            self._plan_writes(attached)
+        if attached is None or not self.config.disk_write_through:
+            return
+        ids = [b for b in ids if pool.state_of(b) == BlockState.REGISTERED]
+        room = max(0, int(WRITE_THROUGH_SHARE * pool.num_blocks) - len(attached.write_through) - attached.writing)
+        kept = ids[:room]
+        if kept:
+            pool.pin(kept, 0)
+            attached.write_through.extend((b, pool.hash_of(b)) for b in kept)
+        self._write_through_dropped(attached, len(ids) - len(kept), "the write-through queue is full")
+        self._plan_writes(attached)
 
     def fetch(self, pool: BlockPool, hashes: list[bytes], g2_ids: list[int]) -> Fetch | None:
         attached = self._by_pool.get(pool.pool_id)
@@ -273,13 +291,19 @@ class DiskTier:
             return
         write_through = self.config.disk_write_through
         picked: list[int] = []
-        if write_through:
+        if write_through:  # a picked block keeps its queue pin: it becomes the write's pin
             queue = attached.write_through
+            done, invalid = [], 0
             while queue and len(picked) < room:
                 b, h = queue.popleft()
-                if (h is not None and pool.hash_of(b) == h and pool.state_of(b) == BlockState.REGISTERED
-                        and pool.table["tier"][b] == p.Tier.CPU):
-                    picked.append(b)
+                if pool.hash_of(b) == h and pool.state_of(b) == BlockState.REGISTERED:
+                    (picked if pool.table["tier"][b] == p.Tier.CPU else done).append(b)
+                else:  # invalidated while it waited
+                    done.append(b)
+                    invalid += 1
+            if done:
+                pool.unpin(done)
+            self._write_through_dropped(attached, invalid, "invalidated before it was written")
         else:
             window = min(max(1, int(self.config.disk_low_watermark * pool.num_blocks)), MAX_WINDOW)
             need = window - pool.num_free - attached.writing
@@ -304,21 +328,28 @@ class DiskTier:
             pool.set_tier(on_disk, p.Tier.DISK)
         blocks, slots, hashes = [], [], []
         evicted: list[bytes] = []
-        for b in picked:
+        on_disk = []
+        for i, b in enumerate(picked):
             h = pool.hash_of(b)
             if index.lookup(h) is not None:  # stored before and still on disk: nothing to write
-                pool.set_tier([b], p.Tier.DISK)
+                on_disk.append(b)
                 continue
             got = index.reserve(h, int(pool.table["priority"][b]), evicted)
-            if got is None:
+            if got is None:  # every slot busy: write-through blocks wait for the next round
+                if write_through:
+                    attached.write_through.extendleft((x, pool.hash_of(x)) for x in reversed(picked[i:]))
                 break
             blocks.append(b)
             slots.append(got[0])
             hashes.append(h)
+        pool.set_tier(on_disk, p.Tier.DISK)
+        if write_through and on_disk:
+            pool.unpin(on_disk)
         self._evicted_from_g3(pool, index, evicted)
         if not blocks:
             return
-        pool.pin(blocks, 0)
+        if not write_through:
+            pool.pin(blocks, 0)
         pinned_ns = time.monotonic_ns()
         self._writes_in_flight += len(blocks)
         attached.writing += len(blocks)
@@ -360,7 +391,8 @@ class DiskTier:
                 index.counters["write_errors"] += 1
             else:
                 lost.append((b, h))
-        if pinned_ns is None and lost and not fut.cancelled():  # write-through: try again
+        if pinned_ns is None and lost and not fut.cancelled():  # write-through: try again, pinned meanwhile
+            pool.pin([b for b, _ in lost], 0)
             attached.write_through.extend(lost)
         index.counters["written_blocks"] += len(stored)
         if stored:
@@ -373,6 +405,18 @@ class DiskTier:
             pool.unpin_cold(blocks, pinned_ns)
         if not fut.cancelled():
             self.pump()
+
+    def _write_through_dropped(self, attached: _Attached, n: int, why: str) -> None:
+        if not n:
+            return
+        attached.index.counters["write_through_dropped"] += n
+        self._dropped_since_log += n
+        now = time.monotonic()
+        if now >= self._next_drop_log:
+            log.warning("%d committed block(s) not written through to G3 (%s; counted in write_through_dropped)",
+                        self._dropped_since_log, why)
+            self._dropped_since_log = 0
+            self._next_drop_log = now + _DROP_LOG_EVERY_S
 
     def _evicted_from_g3(self, pool: BlockPool, index: G3Index, hashes: list[bytes]) -> None:
         if not hashes:
