@@ -128,7 +128,7 @@ class Server:
 
     def run(self, on_status: Callable[[p.StatsReply], None] | None = None, status_interval_s: float = 1.0) -> None:
         sweep_every = min(max(self.config.lease_ms / 4000, 0.02), 1.0)
-        stall_after = sweep_every + _POLL_MS / 1000  # a gap between two polls the loop never makes itself
+        stall_after = sweep_every + _POLL_MS / 1000  # a gap between two clock readings the loop never makes itself
         next_sweep = next_status = next_flush = last = time.monotonic()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
@@ -140,11 +140,8 @@ class Server:
         while not self._stop.is_set():
             timeout_ms = 2 if self._deferred or flush_pending else _POLL_MS
             ready = poller.poll(timeout_ms)
-            now = time.monotonic()
-            if now - last > stall_after:
-                self._after_stall(now - last)
-                flush_pending = True
-            last = now
+            last, stalled = self._clock(last, stall_after)
+            flush_pending |= stalled
             for sock, _ in ready:
                 if sock is self.router:
                     self._drain()
@@ -155,7 +152,9 @@ class Server:
                     self._survive(f"{groups[sock].kind} workers", groups[sock].on_readable)
             if self._deferred:
                 self._complete_deferred()
-            now = time.monotonic()
+            now, stalled = self._clock(last, stall_after)  # a stall just now must not reach the sweep
+            last = now
+            flush_pending |= stalled
             # deferred pool bookkeeping: once the loop has been idle for a moment (never between a
             # reply and a client's next request), and every _FLUSH_EVERY_S under load
             if flush_pending and (not ready or now >= next_flush):
@@ -171,6 +170,14 @@ class Server:
             if on_status is not None and now >= next_status:
                 on_status(self.coordinator.handle(p.Stats(0)))
                 next_status = now + status_interval_s
+
+    def _clock(self, last: float, stall_after: float) -> tuple[float, bool]:
+        """Now, and whether the loop stalled since `last` (then `_after_stall` has run)."""
+        now = time.monotonic()
+        if now - last <= stall_after:
+            return now, False
+        self._after_stall(now - last)
+        return now, True
 
     def _after_stall(self, gap_s: float) -> None:
         """The loop was held up for `gap_s`: renew every lease, then answer what queued meanwhile."""
@@ -196,15 +203,15 @@ class Server:
         return True
 
     def _answer(self, frames: list[bytes]) -> p.Reply | Deferred:
+        if len(frames) > 2:
+            return self.coordinator.error_reply(0, KvbmError(
+                f"expected [version][body], got {len(frames)} frames", ErrorCode.BAD_FRAME))
         size = sum(len(f) for f in frames)
         if size > self.config.max_frame_bytes:
             req = p.request_id(frames[1]) if len(frames) > 1 and len(frames[1]) < 64 else 0
             return self.coordinator.error_reply(req, KvbmError(
                 f"request of {size} bytes exceeds max_frame_bytes {self.config.max_frame_bytes}",
                 ErrorCode.FRAME_TOO_LARGE))
-        if len(frames) > 2:
-            return self.coordinator.error_reply(p.request_id(frames[1]), KvbmError(
-                f"expected [version][body], got {len(frames)} frames", ErrorCode.BAD_FRAME))
         try:
             msg = p.decode_request(frames)
         except KvbmError as e:
