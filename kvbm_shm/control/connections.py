@@ -9,12 +9,14 @@ EMFILE must never be reached:
 - `raise_fd_limit()` raises the soft RLIMIT_NOFILE to the hard limit (and the hard limit to
   /proc/sys/fs/nr_open first, when the process may) and returns the soft limit now in force.
 - `ConnectionGuard(router, socket_path, max_connections, counters)` watches the ROUTER with a
-  ZeroMQ socket monitor: every accepted connection's fd is recorded (EVENT_ACCEPTED carries it)
-  and forgotten on EVENT_DISCONNECTED. A connection accepted while `max_connections` are open is
-  shut down at once (shutdown(2) on libzmq's fd, which libzmq then closes itself; the fd is
-  checked first to still be a connection to `socket_path`), counted in
-  `counters["refused_connections"]` and logged at most once per `_LOG_EVERY_S`. The server polls
-  `socket` and calls `on_readable()`.
+  ZeroMQ socket monitor: every accepted connection's fd is recorded (EVENT_ACCEPTED carries it),
+  marked ready on EVENT_HANDSHAKE_SUCCEEDED and forgotten on EVENT_DISCONNECTED. When a connection
+  arrives while `max_connections` are open, the oldest one that has not completed its ZMTP
+  handshake is shut down to make room (raw connections cannot starve real clients); when every
+  open one has, the new one is shut down. Shutting down is shutdown(2) on libzmq's fd, which
+  libzmq then closes itself; the fd is checked first to still be a connection to
+  `socket_path`. Each is counted in `counters["refused_connections"]` and logged at most once
+  per `_LOG_EVERY_S`. The server polls `socket` and calls `on_readable()`.
 
 What this guarantees, and what it does not: the guard acts after the accept, so the fds in use
 can exceed `max_connections` by the connections libzmq accepted that the loop has not seen yet.
@@ -76,15 +78,17 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self._path = socket_path
         self._counters = counters
-        self._open: set[int] = set()  # fds of accepted connections libzmq has not closed
+        self._pending: dict[int, None] = {}  # fds accepted, handshake not done yet, oldest first
+        self._ready: set[int] = set()  # fds whose handshake succeeded
         self._refused_since_log = 0
         self._next_log = 0.0
-        self.socket = router.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.socket = router.get_monitor_socket(
+            zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         self._router = router
 
     @property
     def connections(self) -> int:
-        return len(self._open)
+        return len(self._pending) + len(self._ready)
 
     def on_readable(self) -> None:
         """Handle every monitor event waiting (the loop calls this when `socket` is readable)."""
@@ -93,13 +97,23 @@ class ConnectionGuard:
                 event = parse_monitor_message(self.socket.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
-            fd = event["value"]
-            if event["event"] == zmq.EVENT_DISCONNECTED:
-                self._open.discard(fd)
-            elif len(self._open) >= self.max_connections:
-                self._refuse(fd)
+            fd, kind = event["value"], event["event"]
+            if kind == zmq.EVENT_DISCONNECTED:
+                self._pending.pop(fd, None)
+                self._ready.discard(fd)
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if fd in self._pending:
+                    del self._pending[fd]
+                    self._ready.add(fd)
+            elif self.connections < self.max_connections:
+                self._pending[fd] = None
+            elif self._pending:  # make room: the oldest that never spoke ZMTP goes
+                oldest = next(iter(self._pending))
+                del self._pending[oldest]
+                self._refuse(oldest)
+                self._pending[fd] = None
             else:
-                self._open.add(fd)
+                self._refuse(fd)
         self._log_refused()
 
     def close(self) -> None:
@@ -128,6 +142,6 @@ class ConnectionGuard:
         now = time.monotonic()
         if self._refused_since_log and now >= self._next_log:
             log.warning("refused %d control connection(s): %d open, max_connections %d", self._refused_since_log,
-                        len(self._open), self.max_connections)
+                        self.connections, self.max_connections)
             self._refused_since_log = 0
             self._next_log = now + _LOG_EVERY_S

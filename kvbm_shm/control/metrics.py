@@ -87,6 +87,7 @@ class _HttpServer(socketserver.ThreadingMixIn, WSGIServer):
     """One thread per connection, at most MAX_HTTP_CONNECTIONS of them."""
 
     daemon_threads = True  # a slow scraper never holds up shutdown
+    request_queue_size = 128  # listen backlog: a burst of connections waits for accept, not for SYN retries
     counters: Counter  # the coordinator's, set after construction
 
     def server_activate(self) -> None:

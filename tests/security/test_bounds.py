@@ -26,6 +26,7 @@ import zmq
 from kvbm_shm import protocol as p, runtime
 from kvbm_shm.control.connections import MONITOR_BACKLOG
 from kvbm_shm.control.disk_tier import WRITE_THROUGH_SHARE
+from kvbm_shm.control.metrics import MAX_HTTP_CONNECTIONS
 from kvbm_shm.errors import ErrorCode
 
 from .. import engine
@@ -88,7 +89,8 @@ def free_port() -> int:
 
 
 def open_in_thread(connect, count: int, timeout_s: float) -> list[socket.socket]:
-    """`count` blocking connects from a thread (a full accept backlog makes connect wait)."""
+    """`count` blocking connects from a thread (a full accept backlog makes connect wait); one
+    that fails is skipped."""
     socks: list[socket.socket] = []
 
     def run():
@@ -96,7 +98,7 @@ def open_in_thread(connect, count: int, timeout_s: float) -> list[socket.socket]
             try:
                 socks.append(connect())
             except OSError:
-                return
+                continue
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
@@ -133,7 +135,7 @@ def test_raw_connection_flood_past_the_fd_limit(instance, runtime_dir):
                 peak[0] = max(peak[0], open_fds(pid))
                 time.sleep(0.005)
 
-        sampler = threading.Thread(target=sample, daemon=True)
+        sampler = threading.Thread(target=sample, daemon=True)  # stopped below, or with the test
         sampler.start()
         socks = open_in_thread(connect, 6000, timeout_s=60)  # more than the hard limit
         try:
@@ -175,7 +177,7 @@ def test_idle_tcp_connections_to_metrics_port(instance, runtime_dir):
 
         socks = open_in_thread(connect, 5000, timeout_s=120)  # more than the hard limit, all idle
         try:
-            assert len(socks) == 5000
+            assert len(socks) > FD_HARD
             assert coordinator.proc.poll() is None, coordinator.log()
             assert open_fds(pid) < 200
             s = stats(coordinator)
@@ -183,9 +185,12 @@ def test_idle_tcp_connections_to_metrics_port(instance, runtime_dir):
         finally:
             for sock in socks:
                 sock.close()
-        assert s.counters["refused_metrics_connections"] >= 5000 - 32
+        print(f"{len(socks)} idle connections to the metrics port; refused "
+              f"{s.counters['refused_metrics_connections']}")
+        # all but the served ones, and those still waiting in the listen backlog
+        assert s.counters["refused_metrics_connections"] >= len(socks) - MAX_HTTP_CONNECTIONS - 128
         deadline = time.monotonic() + 15
-        while True:  # the 32 served ones are closed after HTTP_IDLE_S
+        while True:  # the served ones are closed after HTTP_IDLE_S
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
                     assert r.status == 200 and b"kvbm_requests_total" in r.read()
