@@ -30,7 +30,6 @@ ZMQ_HANDSHAKE_IVL (the server sets it), so they free their fd on their own.
 from __future__ import annotations
 
 import logging
-import os
 import resource
 import socket
 import time

@@ -28,13 +28,13 @@ of its size (at most 1024 blocks), the blocks next in line for eviction that are
 written. On success the G2 block's `tier` becomes 3 (evicting it then loses nothing: G3 serves
 it) and it goes back to the eviction end. A failed write leaves the block in G2, dirty; a slot the
 disk had no room for (ENOSPC on a sparse file) is retired. With `disk_write_through`, every
-committed block is written at once, whatever the filter says, and is kept until written: it is
-pinned from its commit until its write ends (a write lost with its worker is queued again), so
-eviction cannot take it first. At most `WRITE_THROUGH_SHARE` of a pool waits so (G2 must keep
-room to serve); a block committed past that, or invalidated while waiting, is not written:
-counted in the G3 file's `write_through_dropped` and logged (rate-limited). So every block
-committed with write-through on either reaches G3 or is counted (or failed a write, counted in
-`write_errors`/`no_space_blocks`/`bad_g2_blocks`).
+committed block is written at once, whatever the filter says. A queued block is pinned until it
+is taken for writing, so eviction cannot take it first, as long as fewer than
+`WRITE_THROUGH_SHARE` of the pool's blocks are pinned so (G2 must keep room to serve); past that
+it waits unpinned. A write lost with its worker is queued again. A queued block evicted or
+invalidated before it was written is counted in the G3 file's `write_through_dropped` and logged
+(rate-limited). So every block committed with write-through on either reaches G3 or is counted
+(or failed a write: `write_errors`, `no_space_blocks`, `bad_g2_blocks`).
 
 Staging: a read that verified registers its G2 block (tier 3, G2 checksum from the slot). One
 that did not (EBADMSG, ENODATA, an I/O error) is freed, its slot dropped and counted, and the
@@ -86,8 +86,9 @@ class _Attached:
     # is untouched (no hit, no touch, no reuse) and its hash is not stored again, the answer stands
     rejected_at: np.ndarray
     writing: int = 0  # blocks pinned by write jobs in flight: as good as clean for the window
-    # (block, hash) committed and not yet written; each holds one pin while queued or being written
+    # (block, hash, pinned) committed and not yet taken for writing
     write_through: collections.deque = dataclasses.field(default_factory=collections.deque)
+    queue_pins: int = 0  # queued blocks that hold a pin
 
 
 @dataclasses.dataclass(eq=False)
@@ -199,13 +200,7 @@ class DiskTier:
         attached = self._by_pool.get(pool.pool_id)
         if attached is None or not self.config.disk_write_through:
             return
-        ids = [b for b in ids if pool.state_of(b) == BlockState.REGISTERED]
-        room = max(0, int(WRITE_THROUGH_SHARE * pool.num_blocks) - len(attached.write_through) - attached.writing)
-        kept = ids[:room]
-        if kept:
-            pool.pin(kept, 0)
-            attached.write_through.extend((b, pool.hash_of(b)) for b in kept)
-        self._write_through_dropped(attached, len(ids) - len(kept), "the write-through queue is full")
+        self._queue_write_through(attached, [b for b in ids if pool.state_of(b) == BlockState.REGISTERED])
         self._plan_writes(attached)
 
     def fetch(self, pool: BlockPool, hashes: list[bytes], g2_ids: list[int]) -> Fetch | None:
@@ -291,19 +286,22 @@ class DiskTier:
             return
         write_through = self.config.disk_write_through
         picked: list[int] = []
-        if write_through:  # a picked block keeps its queue pin: it becomes the write's pin
+        if write_through:
             queue = attached.write_through
-            done, invalid = [], 0
+            unpin, lost = [], 0
             while queue and len(picked) < room:
-                b, h = queue.popleft()
+                b, h, pinned = queue.popleft()
+                if pinned:  # released below: the write pins what it takes, nothing runs in between
+                    unpin.append(b)
                 if pool.hash_of(b) == h and pool.state_of(b) == BlockState.REGISTERED:
-                    (picked if pool.table["tier"][b] == p.Tier.CPU else done).append(b)
-                else:  # invalidated while it waited
-                    done.append(b)
-                    invalid += 1
-            if done:
-                pool.unpin(done)
-            self._write_through_dropped(attached, invalid, "invalidated before it was written")
+                    if pool.table["tier"][b] == p.Tier.CPU:
+                        picked.append(b)
+                else:  # evicted (unpinned), or invalidated
+                    lost += 1
+            attached.queue_pins -= len(unpin)
+            if unpin:
+                pool.unpin(unpin)
+            self._write_through_dropped(attached, lost, "evicted or invalidated before it was written")
         else:
             window = min(max(1, int(self.config.disk_low_watermark * pool.num_blocks)), MAX_WINDOW)
             need = window - pool.num_free - attached.writing
@@ -337,19 +335,16 @@ class DiskTier:
             got = index.reserve(h, int(pool.table["priority"][b]), evicted)
             if got is None:  # every slot busy: write-through blocks wait for the next round
                 if write_through:
-                    attached.write_through.extendleft((x, pool.hash_of(x)) for x in reversed(picked[i:]))
+                    self._queue_write_through(attached, picked[i:], front=True)
                 break
             blocks.append(b)
             slots.append(got[0])
             hashes.append(h)
         pool.set_tier(on_disk, p.Tier.DISK)
-        if write_through and on_disk:
-            pool.unpin(on_disk)
         self._evicted_from_g3(pool, index, evicted)
         if not blocks:
             return
-        if not write_through:
-            pool.pin(blocks, 0)
+        pool.pin(blocks, 0)
         pinned_ns = time.monotonic_ns()
         self._writes_in_flight += len(blocks)
         attached.writing += len(blocks)
@@ -391,9 +386,8 @@ class DiskTier:
                 index.counters["write_errors"] += 1
             else:
                 lost.append((b, h))
-        if pinned_ns is None and lost and not fut.cancelled():  # write-through: try again, pinned meanwhile
-            pool.pin([b for b, _ in lost], 0)
-            attached.write_through.extend(lost)
+        if pinned_ns is None and lost and not fut.cancelled():  # write-through: try again
+            self._queue_write_through(attached, [b for b, _ in lost])
         index.counters["written_blocks"] += len(stored)
         if stored:
             self._on_event(p.BlockStored(pool.pool_id, pool.fingerprint, stored, p.Tier.DISK))
@@ -405,6 +399,19 @@ class DiskTier:
             pool.unpin_cold(blocks, pinned_ns)
         if not fut.cancelled():
             self.pump()
+
+    def _queue_write_through(self, attached: _Attached, ids: list[int], front: bool = False) -> None:
+        """Queue Registered blocks for write-through, pinned while the pool's share allows."""
+        pool = attached.pool
+        room = max(0, int(WRITE_THROUGH_SHARE * pool.num_blocks) - attached.queue_pins)
+        if ids[:room]:
+            pool.pin(ids[:room], 0)
+            attached.queue_pins += len(ids[:room])
+        entries = [(b, pool.hash_of(b), i < room) for i, b in enumerate(ids)]
+        if front:
+            attached.write_through.extendleft(reversed(entries))
+        else:
+            attached.write_through.extend(entries)
 
     def _write_through_dropped(self, attached: _Attached, n: int, why: str) -> None:
         if not n:
