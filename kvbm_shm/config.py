@@ -56,6 +56,8 @@ class ServiceConfig:
     disk_cache_gb: float = 0.0  # G3 budget; 0 turns the disk tier off
     disk_dir: Path = dataclasses.field(default_factory=default_disk_dir)
     metrics_port: int = 0  # Prometheus endpoint; 0 turns it off
+    metrics_host: str = "127.0.0.1"  # address the metrics endpoint binds; 0.0.0.0 exposes it to the network
+    max_connections: int = 0  # control connections at once; 0: the open-file limit minus a reserve
     transfer_workers: int = 1  # G1 <-> G2 transfer worker processes; 0: only engine-driven copies
     disk_io_workers: int = 2  # NVMe I/O worker processes (with the disk tier on)
     disk_io_threads: int = 4  # blocks in flight per I/O worker
@@ -85,6 +87,8 @@ class ServiceConfig:
             raise ConfigError(f"disk_low_watermark must be in (0, 1], got {self.disk_low_watermark}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        if self.max_connections < 0:
+            raise ConfigError(f"max_connections must not be negative, got {self.max_connections}")
 
     @property
     def instance_dir(self) -> Path:

@@ -4,7 +4,9 @@ coordinator processes.
 `run_child(fn, *args, timeout_s=...)` runs a module-level function in a `spawn` child and returns
 its result; a child failure is re-raised here with the child's traceback, and a child that
 outlives its timeout is killed and reported. `start_child` does the same without waiting.
-`CoordinatorProcess` runs `python -m kvbm_shm serve` and knows how to find, stop and kill it.
+`CoordinatorProcess` runs `python -m kvbm_shm serve` and knows how to find, stop and kill it;
+`preexec` (a module-level function run in the child before exec) sets up what it runs under,
+e.g. resource limits.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 from kvbm_shm import runtime
 from kvbm_shm.shm import list_segments, unlink
@@ -82,7 +85,8 @@ class CoordinatorProcess:
     """A real `kvbm-shm serve` process for one test instance."""
 
     def __init__(self, instance: str, runtime_dir: Path, *extra: str, cpu_cache_gb: float = 0.0625,
-                 lease_ms: int = 1000, env: dict | None = None):
+                 lease_ms: int = 1000, env: dict | None = None,
+                 preexec: Callable[[], None] | None = None):
         self.instance = instance
         self.runtime_dir = Path(runtime_dir)
         self.args = [sys.executable, "-m", "kvbm_shm", "serve", "--instance", instance,
@@ -90,6 +94,7 @@ class CoordinatorProcess:
                      "--lease-ms", str(lease_ms), "--log-level", "INFO", *extra]
         self.env = {**os.environ, **(env or {})}
         self.log_path = self.runtime_dir / f"{instance}.log"
+        self.preexec = preexec
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -99,7 +104,8 @@ class CoordinatorProcess:
     def start(self, timeout_s: float = 30) -> "CoordinatorProcess":
         self.runtime_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                     preexec_fn=self.preexec)
         log.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
     p.add_argument("--disk-write-through", action="store_true", default=None,
                    help="write every stored block to disk at once (default: write-back with admission)")
     p.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 0: off)")
+    p.add_argument("--metrics-host", help="address the metrics port binds (default 127.0.0.1; 0.0.0.0: all)")
+    p.add_argument("--max-connections", type=int,
+                   help="control connections at once (default 0: the open-file limit minus a reserve)")
     p.add_argument("--transfer-workers", type=int, help="G1<->G2 transfer worker processes (default 1)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.set_defaults(run=run)
@@ -37,8 +40,9 @@ def run(args: argparse.Namespace) -> int:
     from ..control.server import serve
 
     overrides = {k: getattr(args, k) for k in ("instance", "cpu_cache_gb", "runtime_dir", "lease_ms",
-                                               "disk_cache_gb", "disk_dir", "metrics_port", "log_level",
-                                               "transfer_workers", "disk_io_workers", "disk_write_through")}
+                                               "disk_cache_gb", "disk_dir", "metrics_port", "metrics_host", "log_level",
+                                               "transfer_workers", "disk_io_workers", "disk_write_through",
+                                               "max_connections")}
     config = ServiceConfig.load(args.config, overrides=overrides)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -28,7 +28,13 @@ of its size (at most 1024 blocks), the blocks next in line for eviction that are
 written. On success the G2 block's `tier` becomes 3 (evicting it then loses nothing: G3 serves
 it) and it goes back to the eviction end. A failed write leaves the block in G2, dirty; a slot the
 disk had no room for (ENOSPC on a sparse file) is retired. With `disk_write_through`, every
-committed block is written at once, whatever the filter says.
+committed block is written at once, whatever the filter says. A queued block is pinned until it
+is taken for writing, so eviction cannot take it first, as long as fewer than
+`WRITE_THROUGH_SHARE` of the pool's blocks are pinned so (G2 must keep room to serve); past that
+it waits unpinned. A write lost with its worker is queued again. A queued block evicted or
+invalidated before it was written is counted in the G3 file's `write_through_dropped` and logged
+(rate-limited). So every block committed with write-through on either reaches G3 or is counted
+(or failed a write: `write_errors`, `no_space_blocks`, `bad_g2_blocks`).
 
 Staging: a read that verified registers its G2 block (tier 3, G2 checksum from the slot). One
 that did not (EBADMSG, ENODATA, an I/O error) is freed, its slot dropped and counted, and the
@@ -65,6 +71,8 @@ WORKER_KIND = "disk"
 WORKER_MODULE = "kvbm_shm.workers.disk_io"
 _JOB_BYTES = 32 << 20  # bytes per job: large enough to keep a worker's threads busy
 MAX_WINDOW = 1024  # blocks ahead of eviction that write-back looks at, at most
+WRITE_THROUGH_SHARE = 0.5  # of a pool's blocks, at most this many wait (pinned) for write-through
+_DROP_LOG_EVERY_S = 10.0
 _NOT_REJECTED = np.uint64(2**64 - 1)
 
 
@@ -78,7 +86,9 @@ class _Attached:
     # is untouched (no hit, no touch, no reuse) and its hash is not stored again, the answer stands
     rejected_at: np.ndarray
     writing: int = 0  # blocks pinned by write jobs in flight: as good as clean for the window
-    write_through: collections.deque = dataclasses.field(default_factory=collections.deque)  # (block, hash)
+    # (block, hash, pinned) committed and not yet taken for writing
+    write_through: collections.deque = dataclasses.field(default_factory=collections.deque)
+    queue_pins: int = 0  # queued blocks that hold a pin
 
 
 @dataclasses.dataclass(eq=False)
@@ -155,6 +165,8 @@ class DiskTier:
         self._staging: dict[tuple[int, bytes], tuple[_Read, int]] = {}
         self._writes_in_flight = 0
         self._closed = False
+        self._dropped_since_log = 0
+        self._next_drop_log = 0.0
 
     # ------------------------------------------------------------ hooks
 
@@ -186,9 +198,10 @@ class DiskTier:
 
     def committed(self, pool: BlockPool, ids: list[int]) -> None:
         attached = self._by_pool.get(pool.pool_id)
-        if attached is not None and self.config.disk_write_through:
-            attached.write_through.extend((b, pool.hash_of(b)) for b in ids)
-            self._plan_writes(attached)
+        if attached is None or not self.config.disk_write_through:
+            return
+        self._queue_write_through(attached, [b for b in ids if pool.state_of(b) == BlockState.REGISTERED])
+        self._plan_writes(attached)
 
     def fetch(self, pool: BlockPool, hashes: list[bytes], g2_ids: list[int]) -> Fetch | None:
         attached = self._by_pool.get(pool.pool_id)
@@ -275,11 +288,20 @@ class DiskTier:
         picked: list[int] = []
         if write_through:
             queue = attached.write_through
+            unpin, lost = [], 0
             while queue and len(picked) < room:
-                b, h = queue.popleft()
-                if (h is not None and pool.hash_of(b) == h and pool.state_of(b) == BlockState.REGISTERED
-                        and pool.table["tier"][b] == p.Tier.CPU):
-                    picked.append(b)
+                b, h, pinned = queue.popleft()
+                if pinned:  # released below: the write pins what it takes, nothing runs in between
+                    unpin.append(b)
+                if pool.hash_of(b) == h and pool.state_of(b) == BlockState.REGISTERED:
+                    if pool.table["tier"][b] == p.Tier.CPU:
+                        picked.append(b)
+                else:  # evicted (unpinned), or invalidated
+                    lost += 1
+            attached.queue_pins -= len(unpin)
+            if unpin:
+                pool.unpin(unpin)
+            self._write_through_dropped(attached, lost, "evicted or invalidated before it was written")
         else:
             window = min(max(1, int(self.config.disk_low_watermark * pool.num_blocks)), MAX_WINDOW)
             need = window - pool.num_free - attached.writing
@@ -304,17 +326,21 @@ class DiskTier:
             pool.set_tier(on_disk, p.Tier.DISK)
         blocks, slots, hashes = [], [], []
         evicted: list[bytes] = []
-        for b in picked:
+        on_disk = []
+        for i, b in enumerate(picked):
             h = pool.hash_of(b)
             if index.lookup(h) is not None:  # stored before and still on disk: nothing to write
-                pool.set_tier([b], p.Tier.DISK)
+                on_disk.append(b)
                 continue
             got = index.reserve(h, int(pool.table["priority"][b]), evicted)
-            if got is None:
+            if got is None:  # every slot busy: write-through blocks wait for the next round
+                if write_through:
+                    self._queue_write_through(attached, picked[i:], front=True)
                 break
             blocks.append(b)
             slots.append(got[0])
             hashes.append(h)
+        pool.set_tier(on_disk, p.Tier.DISK)
         self._evicted_from_g3(pool, index, evicted)
         if not blocks:
             return
@@ -361,7 +387,7 @@ class DiskTier:
             else:
                 lost.append((b, h))
         if pinned_ns is None and lost and not fut.cancelled():  # write-through: try again
-            attached.write_through.extend(lost)
+            self._queue_write_through(attached, [b for b, _ in lost])
         index.counters["written_blocks"] += len(stored)
         if stored:
             self._on_event(p.BlockStored(pool.pool_id, pool.fingerprint, stored, p.Tier.DISK))
@@ -373,6 +399,31 @@ class DiskTier:
             pool.unpin_cold(blocks, pinned_ns)
         if not fut.cancelled():
             self.pump()
+
+    def _queue_write_through(self, attached: _Attached, ids: list[int], front: bool = False) -> None:
+        """Queue Registered blocks for write-through, pinned while the pool's share allows."""
+        pool = attached.pool
+        room = max(0, int(WRITE_THROUGH_SHARE * pool.num_blocks) - attached.queue_pins)
+        if ids[:room]:
+            pool.pin(ids[:room], 0)
+            attached.queue_pins += len(ids[:room])
+        entries = [(b, pool.hash_of(b), i < room) for i, b in enumerate(ids)]
+        if front:
+            attached.write_through.extendleft(reversed(entries))
+        else:
+            attached.write_through.extend(entries)
+
+    def _write_through_dropped(self, attached: _Attached, n: int, why: str) -> None:
+        if not n:
+            return
+        attached.index.counters["write_through_dropped"] += n
+        self._dropped_since_log += n
+        now = time.monotonic()
+        if now >= self._next_drop_log:
+            log.warning("%d committed block(s) not written through to G3 (%s; counted in write_through_dropped)",
+                        self._dropped_since_log, why)
+            self._dropped_since_log = 0
+            self._next_drop_log = now + _DROP_LOG_EVERY_S
 
     def _evicted_from_g3(self, pool: BlockPool, index: G3Index, hashes: list[bytes]) -> None:
         if not hashes:

@@ -8,10 +8,18 @@ gone (`LeaseError`). `client_id` is a small number for display and block owners 
 The lease records every pin the client holds and every Partial block it is writing, per pool,
 and its last few pinning or allocating requests (`recent`), so that a request the client gave
 up on (timed out) can be undone by `Cancel`. A lease ends by goodbye, by silence longer than
-`lease_ms`, or as soon as the client's process is seen dead (same node: the pid is checked on
-every sweep). `LeaseTable.expired` hands ended leases back to the coordinator, which drops their
-pins and frees their unfinished blocks, so a crashed client leaks nothing.
+`lease_ms`, or when the client's process is seen dead (same node). `LeaseTable.expired` hands
+ended leases back to the coordinator, which drops their pins and frees their unfinished blocks,
+so a crashed client leaks nothing.
 `open` refuses (CAPACITY) past `max_leases` leases in all or `max_leases_per_process` of one pid.
+
+A sweep costs O(bounded), however many leases there are (a hello flood must not stall the
+loop): leases are kept in expiry order (a renewal moves the lease to the end, O(1)), so timed-out
+leases are taken from the front; and at most `PID_CHECKS_PER_SWEEP` pids are checked per sweep,
+round-robin over the table, so a dead process is seen within `len / PID_CHECKS_PER_SWEEP` sweeps
+(and by its lease timing out at the latest). At most `MAX_ENDED_PER_SWEEP` leases end per sweep;
+the rest end at the next ones. `renew_all()` gives every lease a fresh `lease_ms` (the server
+calls it after a stall of its own loop, which must not count against clients).
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from ..errors import CapacityError, ErrorCode, LeaseError
 from ..protocol import LEASE_TOKEN_BYTES
 from ..runtime import pid_alive
 
+PID_CHECKS_PER_SWEEP = 64
+MAX_ENDED_PER_SWEEP = 256
 RECENT_REQUESTS = 32  # pinning/allocating requests of a lease that a Cancel can still undo
 
 
@@ -70,9 +80,10 @@ class LeaseTable:
         self.lease_s = lease_ms / 1000
         self.max_leases = max_leases
         self.max_leases_per_process = max_leases_per_process
-        self._leases: dict[bytes, Lease] = {}  # by token
+        self._leases: OrderedDict[bytes, Lease] = OrderedDict()  # by token, in expiry order: see `_renew`
         self._per_pid: Counter = Counter()
         self._ids = itertools.count(1)
+        self._pid_round: list[bytes] = []  # tokens whose pid is still to be checked this round
 
     def open(self, name: str, pid: int) -> Lease:
         if len(self._leases) >= self.max_leases:
@@ -93,7 +104,7 @@ class LeaseTable:
         if lease is None:
             raise LeaseError("unknown lease (it ended, or was issued by an earlier coordinator start): "
                              "say hello again")
-        lease.expires_at = time.monotonic() + self.lease_s
+        self._renew(lease, time.monotonic())
         return lease
 
     def close(self, token: bytes) -> Lease | None:
@@ -109,12 +120,40 @@ class LeaseTable:
             del self._per_pid[lease.pid]
 
     def expired(self, now: float | None = None) -> list[Lease]:
-        """Remove and return leases that timed out or whose process is gone."""
+        """Remove and return leases that timed out or whose process is gone (bounded work)."""
         now = time.monotonic() if now is None else now
-        ended = [lease for lease in self._leases.values() if lease.expires_at < now or not _alive(lease.pid)]
-        for lease in ended:
+        ended: list[Lease] = []
+        while self._leases and len(ended) < MAX_ENDED_PER_SWEEP:
+            lease = next(iter(self._leases.values()))
+            if lease.expires_at >= now:
+                break
             self._remove(lease)
+            ended.append(lease)
+        if not self._pid_round:
+            self._pid_round = list(self._leases)
+        checked: dict[int, bool] = {}
+        while self._pid_round and len(checked) < PID_CHECKS_PER_SWEEP and len(ended) < MAX_ENDED_PER_SWEEP:
+            lease = self._leases.get(self._pid_round.pop())
+            if lease is None:
+                continue
+            alive = checked.get(lease.pid)
+            if alive is None:
+                alive = checked[lease.pid] = _alive(lease.pid)
+            if not alive:
+                self._remove(lease)
+                ended.append(lease)
         return ended
+
+    def renew_all(self) -> int:
+        """Give every lease a fresh `lease_s` from now; returns how many there are."""
+        now = time.monotonic()
+        for lease in self._leases.values():  # one expiry for all: the order stays right
+            lease.expires_at = now + self.lease_s
+        return len(self._leases)
+
+    def _renew(self, lease: Lease, now: float) -> None:
+        lease.expires_at = now + self.lease_s
+        self._leases.move_to_end(lease.token)
 
     def __iter__(self):
         return iter(list(self._leases.values()))
@@ -124,4 +163,9 @@ class LeaseTable:
 
 
 def _alive(pid: int) -> bool:
-    return pid <= 0 or pid_alive(pid)  # pid 0: the client gave none; only the timeout applies
+    """pid 0: the client gave none (only the timeout applies); a check that fails (EMFILE) is
+    taken as alive: the lease still times out."""
+    try:
+        return pid <= 0 or pid_alive(pid)
+    except OSError:
+        return True

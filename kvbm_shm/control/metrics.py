@@ -1,8 +1,14 @@
 """Prometheus metrics of a coordinator, served over HTTP when `metrics_port` is set.
 
-Runs in the coordinator process. `Metrics.start(coordinator, port)` serves `/metrics` over HTTP
-on all interfaces from a thread of its own (prometheus-client, the `tools` extra, is imported
-only then); `close()` stops it.
+Runs in the coordinator process. `Metrics.start(coordinator, port, host)` serves `/metrics` over
+HTTP on `host` (127.0.0.1 unless `metrics_host` says otherwise) from a thread of its own
+(prometheus-client, the `tools` extra, is imported only then); `close()` stops it.
+
+Bounds: the server never takes the coordinator down, whoever connects. At most
+`MAX_HTTP_CONNECTIONS` connections are served at once (one more is closed as soon as it is
+accepted, and counted in the coordinator's `refused_metrics_connections`); a connection idle for
+`HTTP_IDLE_S` is closed; a failed accept (EMFILE) pauses the accept loop briefly instead of
+spinning on it.
 
 Cost:
 - Off (port 0, the default) there is no `Metrics` object: the loop does nothing more.
@@ -38,6 +44,7 @@ import logging
 import socketserver
 import threading
 import time
+from collections import Counter
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import msgspec
@@ -55,6 +62,9 @@ REQUEST_BUCKETS_S = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 0
 TRANSFER_BUCKETS_S = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STORE_PATH, LOAD_PATH = "g1_to_g2", "g2_to_g1"
 _MAX_OPEN_WINDOWS = 1 << 16  # transfers begun by clients that never finished them (crashed) are dropped
+MAX_HTTP_CONNECTIONS = 32  # scrapes served at once
+HTTP_IDLE_S = 5.0  # a connection that sends nothing for this long is closed
+_ACCEPT_BACKOFF_S = 0.05  # after a failed accept (EMFILE): let the coordinator's loop have the CPU
 
 # shared pool counters -> (metric name, help); None: not exported per pool
 _POOL_COUNTERS: dict[str, tuple[str, str] | None] = {
@@ -74,10 +84,48 @@ _POOL_TIER = "g2"
 
 
 class _HttpServer(socketserver.ThreadingMixIn, WSGIServer):
+    """One thread per connection, at most MAX_HTTP_CONNECTIONS of them."""
+
     daemon_threads = True  # a slow scraper never holds up shutdown
+    request_queue_size = 128  # listen backlog: a burst of connections waits for accept, not for SYN retries
+    counters: Counter  # the coordinator's, set after construction
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(MAX_HTTP_CONNECTIONS)
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError:  # EMFILE and the like: socketserver drops this accept and polls again
+            time.sleep(_ACCEPT_BACKOFF_S)
+            raise
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.counters["refused_metrics_connections"] += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started (e.g. out of memory): give the slot back
+            self._slots.release()
+            self.shutdown_request(request)
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        log.debug("metrics request from %s failed", client_address, exc_info=True)
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = HTTP_IDLE_S
+
     def log_message(self, format, *args) -> None:  # noqa: A002 (the base class's name)
         pass
 
@@ -123,8 +171,9 @@ class Metrics:
             self._transfer_bytes[path] = 0
 
     @classmethod
-    def start(cls, coordinator, port: int, addr: str = "0.0.0.0") -> "Metrics":
-        """Serve /metrics on `port`; ConfigError if prometheus-client is missing or the port is taken."""
+    def start(cls, coordinator, port: int, addr: str = "127.0.0.1") -> "Metrics":
+        """Serve /metrics on `addr:port`; ConfigError if prometheus-client is missing or the address
+        cannot be bound."""
         try:
             import prometheus_client
         except ImportError:
@@ -138,7 +187,10 @@ class Metrics:
             metrics._http = make_server(addr, port, prometheus_client.make_wsgi_app(metrics.registry),
                                         _HttpServer, handler_class=_QuietHandler)
         except (OSError, OverflowError) as e:  # taken, not ours to bind, or not a port number
-            raise ConfigError(f"cannot serve metrics on port {port}: {getattr(e, 'strerror', None) or e}") from e
+            raise ConfigError(f"cannot serve metrics on port {port} of {addr}: "
+                              f"{getattr(e, 'strerror', None) or e}") from e
+        coordinator.counters["refused_metrics_connections"] += 0  # the key exists before the HTTP thread counts
+        metrics._http.counters = coordinator.counters
         threading.Thread(target=metrics._http.serve_forever, args=(0.05,), name="kvbm-metrics", daemon=True).start()
         log.info("serving Prometheus metrics on http://%s:%d/metrics", addr, port)
         return metrics

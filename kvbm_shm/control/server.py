@@ -7,6 +7,24 @@ and a PUB socket for KV events, writes the runtime file, then loops until SIGTER
 silence), completes deferred replies, publishes the events of each iteration as one numbered
 batch, and sweeps leases. On the way out it unlinks every segment and removes its socket files
 and runtime file. A handler never blocks the loop; slow work runs as a `Deferred`.
+
+Bounds (a client, or any process that can reach the socket, cannot take the coordinator down):
+- File descriptors: the open-file limit is raised as far as allowed at start, and control
+  connections past `max_connections` are shut down as they arrive (`connections`); a connection
+  that does not complete the ZMTP handshake within `HANDSHAKE_S` is dropped by libzmq.
+- Memory: at most `SEND_QUEUE` replies are queued per client; a reply that does not fit (a client
+  that does not read) is dropped and counted (`dropped_replies`). At most `RECV_QUEUE` requests
+  are queued per client; past that libzmq stops reading from it. A frame larger than
+  `4 * max_frame_bytes` makes libzmq drop the connection; a request larger than
+  `max_frame_bytes` is answered FRAME_TOO_LARGE, one of other than two frames BAD_FRAME. Residual:
+  libzmq buffers a whole multipart message before the loop sees any of it and has no limit on
+  its number of frames, so one message of many frames (each under the frame limit) is held in
+  memory until it is complete; it is then refused and freed.
+- Stalls: when the loop itself was held up (stopped, swapped out, a long handler) for longer than
+  a sweep interval, every lease is renewed and the queued requests are answered before any lease
+  may expire, so clients never pay for the coordinator's own stall (`stalls` counts them).
+- Errors: an OSError (EMFILE included) in the periodic work (sweep, worker checks, bookkeeping) is
+  logged, at most once per `_ERROR_LOG_EVERY_S` per kind of work, and the loop goes on.
 """
 
 from __future__ import annotations
@@ -26,6 +44,7 @@ from ..config import ServiceConfig
 from ..errors import CapacityError, ErrorCode, KvbmError
 from ..shm import shm_free_bytes
 from . import disk_tier
+from .connections import ConnectionGuard, default_max_connections, raise_fd_limit
 from .coordinator import Coordinator, Deferred
 from .devices import WORKER_KIND as TRANSFER_WORKERS
 from .metrics import Metrics
@@ -35,6 +54,12 @@ log = logging.getLogger(__name__)
 
 _BATCH = 256  # requests handled per wake-up before events and timers get a turn
 _FLUSH_EVERY_S = 0.01  # under load, deferred pool bookkeeping reaches shm within this (idle: ~2 ms)
+SEND_QUEUE = 1024  # replies queued per client (ZMQ_SNDHWM); past it replies are dropped and counted
+RECV_QUEUE = 256  # requests queued per client (ZMQ_RCVHWM); past it libzmq stops reading from it
+HANDSHAKE_S = 2.0  # a connection must complete the ZMTP handshake within this (ZMQ_HANDSHAKE_IVL)
+_POLL_MS = 100  # longest wait of an idle loop
+_STALL_DRAIN_BATCHES = 64  # after a stall, requests answered before the sweep: at most this many batches
+_ERROR_LOG_EVERY_S = 10.0
 
 
 class Server:
@@ -53,6 +78,8 @@ class Server:
         self.pub = self.ctx.socket(zmq.PUB)
         self.workers: dict[str, WorkerGroup] = {}  # worker processes by kind, for the tiers that use them
         self.coordinator = Coordinator(config, self.events_endpoint, self.workers)
+        self.guard: ConnectionGuard | None = None
+        self._error_logged: dict[str, float] = {}
         try:
             if config.transfer_workers:
                 self.workers[TRANSFER_WORKERS] = WorkerGroup(
@@ -68,11 +95,18 @@ class Server:
                 s.setsockopt(zmq.LINGER, 0)
             self.router.setsockopt(zmq.MAXMSGSIZE, 4 * config.max_frame_bytes)
             self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            self.router.setsockopt(zmq.SNDHWM, 0)
+            self.router.setsockopt(zmq.SNDHWM, SEND_QUEUE)
+            self.router.setsockopt(zmq.RCVHWM, RECV_QUEUE)
+            self.router.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_S * 1000))
+            fd_limit = raise_fd_limit()
+            max_connections = config.max_connections or default_max_connections(fd_limit)
+            self.guard = ConnectionGuard(self.router, self.endpoint.removeprefix("ipc://"), max_connections,
+                                         self.coordinator.counters)
+            log.info("open-file limit %d; at most %d control connections", fd_limit, max_connections)
             self.router.bind(self.endpoint)
             self.pub.bind(self.events_endpoint)
             if config.metrics_port:
-                self.metrics = Metrics.start(self.coordinator, config.metrics_port)
+                self.metrics = Metrics.start(self.coordinator, config.metrics_port, config.metrics_host)
             runtime.write_info(self.dir, runtime.RuntimeInfo(
                 config.instance, self.coordinator.instance_id, os.getpid(), p.PROTOCOL_VERSION,
                 self.endpoint, self.events_endpoint, time.time(), config.metrics_port))
@@ -94,45 +128,71 @@ class Server:
 
     def run(self, on_status: Callable[[p.StatsReply], None] | None = None, status_interval_s: float = 1.0) -> None:
         sweep_every = min(max(self.config.lease_ms / 4000, 0.02), 1.0)
-        next_sweep = next_status = next_flush = time.monotonic()
+        stall_after = sweep_every + _POLL_MS / 1000  # a gap between two clock readings the loop never makes itself
+        next_sweep = next_status = next_flush = last = time.monotonic()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
+        poller.register(self.guard.socket, zmq.POLLIN)
         groups = {group.socket: group for group in self.workers.values()}
         for sock in groups:
             poller.register(sock, zmq.POLLIN)
         flush_pending = False
         while not self._stop.is_set():
-            timeout_ms = 2 if self._deferred or flush_pending else 100
+            timeout_ms = 2 if self._deferred or flush_pending else _POLL_MS
             ready = poller.poll(timeout_ms)
+            last, stalled = self._clock(last, stall_after)
+            flush_pending |= stalled
             for sock, _ in ready:
                 if sock is self.router:
                     self._drain()
                     flush_pending = True
+                elif sock is self.guard.socket:
+                    self._survive("connection guard", self.guard.on_readable)
                 else:
-                    groups[sock].on_readable()
+                    self._survive(f"{groups[sock].kind} workers", groups[sock].on_readable)
             if self._deferred:
                 self._complete_deferred()
-            now = time.monotonic()
+            now, stalled = self._clock(last, stall_after)  # a stall just now must not reach the sweep
+            last = now
+            flush_pending |= stalled
             # deferred pool bookkeeping: once the loop has been idle for a moment (never between a
             # reply and a client's next request), and every _FLUSH_EVERY_S under load
             if flush_pending and (not ready or now >= next_flush):
-                self.coordinator.flush()
+                self._survive("pool bookkeeping", self.coordinator.flush)
                 flush_pending = False
                 next_flush = now + _FLUSH_EVERY_S
             if now >= next_sweep:
-                self.coordinator.sweep(now)
+                self._survive("sweep", self.coordinator.sweep, now)
                 for group in self.workers.values():
-                    group.check()
+                    self._survive(f"{group.kind} worker check", group.check)
                 next_sweep = now + sweep_every
             self._publish_events()
             if on_status is not None and now >= next_status:
                 on_status(self.coordinator.handle(p.Stats(0)))
                 next_status = now + status_interval_s
 
-    def _drain(self) -> None:
+    def _clock(self, last: float, stall_after: float) -> tuple[float, bool]:
+        """Now, and whether the loop stalled since `last` (then `_after_stall` has run)."""
+        now = time.monotonic()
+        if now - last <= stall_after:
+            return now, False
+        self._after_stall(now - last)
+        return now, True
+
+    def _after_stall(self, gap_s: float) -> None:
+        """The loop was held up for `gap_s`: renew every lease, then answer what queued meanwhile."""
+        self.coordinator.counters["stalls"] += 1
+        n = self.coordinator.leases.renew_all()
+        log.warning("the coordinator loop stalled for %.2f s: %d lease(s) renewed", gap_s, n)
+        for _ in range(_STALL_DRAIN_BATCHES):
+            if not self._drain():
+                break
+
+    def _drain(self) -> bool:
+        """Answer up to one batch of requests; True when more are waiting."""
         for _ in range(_BATCH):
             if not self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                return
+                return False
             frames = self.router.recv_multipart(zmq.NOBLOCK)
             identity, frames = frames[0], frames[1:]
             reply = self._answer(frames)
@@ -140,8 +200,12 @@ class Server:
                 self._deferred.append((identity, reply))
             else:
                 self._send(identity, reply)
+        return True
 
     def _answer(self, frames: list[bytes]) -> p.Reply | Deferred:
+        if len(frames) > 2:
+            return self.coordinator.error_reply(0, KvbmError(
+                f"expected [version][body], got {len(frames)} frames", ErrorCode.BAD_FRAME))
         size = sum(len(f) for f in frames)
         if size > self.config.max_frame_bytes:
             req = p.request_id(frames[1]) if len(frames) > 1 and len(frames[1]) < 64 else 0
@@ -162,6 +226,17 @@ class Server:
             self.metrics.observe_request(msg, reply, started)
         return reply
 
+    def _survive(self, what: str, fn: Callable, *args) -> None:
+        """Run periodic work; an OSError (EMFILE, ...) is logged, rate-limited, and the loop goes on."""
+        try:
+            fn(*args)
+        except OSError as e:
+            self.coordinator.counters["loop_errors"] += 1
+            now = time.monotonic()
+            if now >= self._error_logged.get(what, 0.0):
+                log.error("%s failed: %s (going on; logged at most every %g s)", what, e, _ERROR_LOG_EVERY_S)
+                self._error_logged[what] = now + _ERROR_LOG_EVERY_S
+
     def _complete_deferred(self) -> None:
         waiting = []
         for identity, d in self._deferred:
@@ -174,7 +249,8 @@ class Server:
     def _send(self, identity: bytes, reply: p.Reply) -> None:
         try:
             self.router.send_multipart([identity, *p.encode(reply)], zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # the client went away; its lease will expire
+        except zmq.ZMQError as e:  # gone (its lease will expire), or SEND_QUEUE replies unread
+            self.coordinator.counters["dropped_replies"] += 1
             log.debug("dropping reply %d: %s", reply.req, e)
 
     def _publish_events(self) -> None:
@@ -195,6 +271,8 @@ class Server:
             group.close()
         self.coordinator.close()
         self._publish_events()  # the pools' PoolCleared: subscribers drop what they knew
+        if self.guard is not None:
+            self.guard.close()
         self.router.close(0)
         self.pub.close(200)  # let the last batch go out
         self.ctx.term()
