@@ -217,7 +217,7 @@ def test_client_that_never_reads_cannot_grow_the_coordinator(coordinator, instan
         ctx = zmq.Context()
         flood = raw_dealer(coordinator, ctx)
         flood.setsockopt(zmq.SNDHWM, 0)
-        body = p.encode(p.Stats(1))
+        body = p.encode(p.Stats(req=1))
         sent, peak, latencies = 0, before, []
         t_end = time.monotonic() + 8
         while time.monotonic() < t_end:
@@ -254,7 +254,7 @@ def test_message_of_many_frames_is_refused_and_memory_returns(coordinator_factor
     assert isinstance(reply, p.ErrorReply) and reply.code == ErrorCode.BAD_FRAME
     time.sleep(0.5)
     after = rss_mb(pid)
-    s.send_multipart(p.encode(p.Stats(9)))
+    s.send_multipart(p.encode(p.Stats(req=9)))
     assert s.poll(10_000)
     assert isinstance(p.decode_reply(s.recv_multipart()), p.StatsReply)
     s.close(0)
@@ -291,8 +291,13 @@ def _small_pool(instance, runtime_dir, blocks: int = 16):
 # ---------------------------------------------------------------- 8: hello flood
 
 
+FAKE_PIDS = 1 << 22  # pid_max is at most 2**22: no process has these
+
+
 def hello_flood(endpoint: str, seconds: float, window: int = 64) -> int:
-    """Say hello as fast as the coordinator answers (up to `window` in flight) for `seconds`."""
+    """Say hello as fast as the coordinator answers (up to `window` in flight) for `seconds`, each
+    hello for another made-up pid (no process has it), so the per-process cap does not cut the
+    flood short: leases pile up to `max_leases` and the sweep must end them without stalling."""
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
@@ -301,7 +306,7 @@ def hello_flood(endpoint: str, seconds: float, window: int = 64) -> int:
     t_end = time.monotonic() + seconds
     while time.monotonic() < t_end:
         while sent - answered < window:
-            s.send_multipart(p.encode(p.Hello(sent, "flood", os.getpid())))
+            s.send_multipart(p.encode(p.Hello(req=sent, name="flood", pid=FAKE_PIDS + sent)))
             sent += 1
         if s.poll(100):
             while True:
@@ -377,14 +382,14 @@ def test_coordinator_stall_does_not_expire_live_leases(coordinator, instance, ru
     with client:
         hashes = engine.prompt_hashes(2)
         assert client.store(kv, hashes, [0, 1]).stored == 2
-        me = client.client_id
+        me, token = client.client_id, client.lease
         os.kill(coordinator.proc.pid, signal.SIGSTOP)
         time.sleep(3)  # lease_ms is 1000
         os.kill(coordinator.proc.pid, signal.SIGCONT)
-        reply = client.request(p.Lookup(0, me, pool.pool_id, hashes))  # no hello again
+        reply = client.request(p.Lookup(req=0, lease=token, pool_id=pool.pool_id, hashes=hashes))  # no hello again
         assert len(reply.block_ids) == 2, coordinator.log()
         s = client.stats()
-    assert client.client_id == me and me in [c.client_id for c in s.clients]
+    assert client.lease == token and me in [c.client_id for c in s.clients]
     assert s.counters.get("expired_leases", 0) == 0
     assert s.counters["stalls"] >= 1
 
