@@ -191,6 +191,7 @@ class _Core:
         self.client_id = 0  # for display: the coordinator's number for this lease
         self.lease = b""  # the lease token, sent with every lease-scoped request
         self.coordinator_pid = 0
+        self.max_frame_bytes = 0  # the coordinator's limit on a request (0: not known before hello)
         self.lease_ms = 0
         self.instance_id = ""
         self.events_endpoint = ""
@@ -217,7 +218,7 @@ class _Core:
     def _hello_step(self) -> _Step:
         reply = yield p.Hello(req=0, name=self.name, pid=os.getpid())
         self.client_id, self.lease, self.lease_ms = reply.client_id, reply.lease, reply.lease_ms
-        self.coordinator_pid = reply.coordinator_pid
+        self.coordinator_pid, self.max_frame_bytes = reply.coordinator_pid, reply.max_frame_bytes
         self.instance_id, self.events_endpoint = reply.instance_id, reply.events_endpoint
         if self._heartbeat is not None:
             self._heartbeat.lease = self.lease
@@ -309,6 +310,16 @@ class _Core:
     def _deadline_s(self, request: p._Request) -> float:
         """Registering a layout may create and pre-fault a pool (about a second per GiB)."""
         return self.config.setup_timeout_s if isinstance(request, p.RegisterLayout) else self.config.timeout_s
+
+    def _encode(self, request: p._Request) -> list[bytes]:
+        """The request's frames; FRAME_TOO_LARGE, and nothing sent, past the coordinator's limit
+        (which would answer the same, or drop the connection for a frame over 4x the limit)."""
+        frames = p.encode(request)
+        size = sum(len(f) for f in frames)
+        if self.max_frame_bytes and size > self.max_frame_bytes:
+            raise ProtocolError(f"{type(request).__name__} of {size} bytes exceeds the coordinator's max_frame_bytes "
+                                f"{self.max_frame_bytes}: send smaller batches", ErrorCode.FRAME_TOO_LARGE)
+        return frames
 
     def _no_reply(self, request: p._Request, timeout_s: float) -> CoordinatorUnavailable:
         """The error of a call that got no reply in time: TIMEOUT if the coordinator lives."""
@@ -474,7 +485,7 @@ class Client(_Core):
         with self._lock:
             request.req = next(self._req)
             try:
-                self._sock.send_multipart(p.encode(request), zmq.NOBLOCK)
+                self._sock.send_multipart(self._encode(request), zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("%s not sent: no coordinator is connected", type(request).__name__)
 
@@ -483,7 +494,7 @@ class Client(_Core):
         with self._lock:
             request.req = next(self._req)
             deadline = time.monotonic() + timeout
-            frames = p.encode(request)
+            frames = self._encode(request)
             try:
                 self._sock.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:  # not connected (yet): wait for the connection, within the deadline
@@ -592,7 +603,7 @@ class AsyncClient(_Core):
     async def _notify(self, request: p._Request) -> None:
         request.req = next(self._req)
         try:
-            await self._sock.send_multipart(p.encode(request), zmq.NOBLOCK)
+            await self._sock.send_multipart(self._encode(request), zmq.NOBLOCK)
         except zmq.Again:
             log.warning("%s not sent: no coordinator is connected", type(request).__name__)
 
@@ -600,9 +611,10 @@ class AsyncClient(_Core):
         request.req = next(self._req)
         timeout = timeout_s or self._deadline_s(request)
         deadline = time.monotonic() + timeout
+        frames = self._encode(request)
         if not await self._sock.poll(timeout * 1000, zmq.POLLOUT):
             raise CoordinatorUnavailable(f"no coordinator is listening at {self.endpoint}")
-        await self._sock.send_multipart(p.encode(request), zmq.NOBLOCK)
+        await self._sock.send_multipart(frames, zmq.NOBLOCK)
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not await self._sock.poll(left * 1000):

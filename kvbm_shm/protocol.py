@@ -202,6 +202,7 @@ class HelloReply(_Reply, tag="hello"):
     instance_id: str  # changes on every coordinator start
     coordinator_pid: int
     events_endpoint: str
+    max_frame_bytes: int = 0  # the client refuses to send a larger request (FRAME_TOO_LARGE)
 
 
 class PoolReply(_Reply, tag="pool"):

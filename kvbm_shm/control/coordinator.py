@@ -199,7 +199,8 @@ class Coordinator:
         lease = self.leases.open(m.name, m.pid)
         return p.HelloReply(req=m.req, client_id=lease.client_id, lease=lease.token, lease_ms=self.config.lease_ms,
                             instance=self.config.instance, instance_id=self.instance_id,
-                            coordinator_pid=os.getpid(), events_endpoint=self.events_endpoint)
+                            coordinator_pid=os.getpid(), events_endpoint=self.events_endpoint,
+                            max_frame_bytes=self.config.max_frame_bytes)
 
     def _register_layout(self, m: p.RegisterLayout) -> p.Reply | Deferred:
         self.leases.get(m.lease)

@@ -27,7 +27,7 @@ from kvbm_shm import protocol as p, runtime
 from kvbm_shm.control.connections import MONITOR_BACKLOG
 from kvbm_shm.control.disk_tier import WRITE_THROUGH_SHARE
 from kvbm_shm.control.metrics import MAX_HTTP_CONNECTIONS
-from kvbm_shm.errors import ErrorCode
+from kvbm_shm.errors import ErrorCode, ProtocolError
 
 from .. import engine
 from ..procs import CoordinatorProcess, start_child
@@ -277,6 +277,13 @@ def test_oversized_frames(coordinator_factory, instance, runtime_dir):
     ctx.term()
     assert coordinator.proc.poll() is None
     assert stats(coordinator).pid == coordinator.proc.pid
+    client, pool, _ = _small_pool(instance, runtime_dir)
+    with client:  # the client library refuses to send what the coordinator would refuse or drop
+        too_many = engine.prompt_hashes(80_000)  # 80,000 x 18 bytes: over the 1 MiB max_frame_bytes
+        with pytest.raises(ProtocolError) as refused:
+            client.lookup(pool, too_many)
+        assert refused.value.code == ErrorCode.FRAME_TOO_LARGE
+        assert client.lookup(pool, too_many[:4]) == []  # and goes on
 
 
 def _small_pool(instance, runtime_dir, blocks: int = 16):
