@@ -14,10 +14,12 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -217,3 +219,225 @@ def test_segments_that_are_not_ours_are_refused(other_user, instance, tmp_path):
         for name in names.values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(SHM_DIR / name)
+
+
+# ---------------------------------------------------------------- case 3: the runtime directory
+
+
+def _symlinked_root(base: Path, other) -> tuple[Path, str]:
+    (base / "real").mkdir(mode=0o700)
+    (base / "root").symlink_to(base / "real")
+    return base / "root", f"runtime directory {base / 'root'} is not ours to trust: it is a symbolic link owned by {ME}"
+
+
+def _others_root(base: Path, other) -> tuple[Path, str]:
+    (base / "root").mkdir(mode=0o700)
+    os.chown(base / "root", other.uid, other.gid)
+    return base / "root", (f"runtime directory {base / 'root'} is not ours to trust: it is a directory owned by "
+                           f"uid {other.uid} ({other.name}), mode 0700")
+
+
+def _group_writable_root(base: Path, other) -> tuple[Path, str]:
+    (base / "root").mkdir()
+    os.chmod(base / "root", 0o770)
+    return base / "root", f"runtime directory {base / 'root'} is not ours to trust: it is a directory owned by {ME}, mode 0770"
+
+
+def _symlinked_instance_dir(base: Path, other, instance: str) -> tuple[Path, str]:
+    (base / "root").mkdir(mode=0o700)
+    (base / "elsewhere").mkdir(mode=0o700)
+    (base / "root" / instance).symlink_to(base / "elsewhere")
+    return base / "root", (f"runtime directory {base / 'root' / instance} is not ours to trust: it is a symbolic "
+                           f"link owned by {ME}")
+
+
+def _others_instance_dir(base: Path, other, instance: str) -> tuple[Path, str]:
+    (base / "root" / instance).mkdir(mode=0o700, parents=True)
+    os.chown(base / "root" / instance, other.uid, other.gid)
+    return base / "root", (f"runtime directory {base / 'root' / instance} is not ours to trust: it is a directory "
+                           f"owned by uid {other.uid} ({other.name}), mode 0700")
+
+
+def _root_under_others_dir(base: Path, other) -> tuple[Path, str]:
+    (base / "theirs").mkdir(mode=0o755)
+    os.chown(base / "theirs", other.uid, other.gid)
+    (base / "theirs" / "root").mkdir(mode=0o700)
+    return base / "theirs" / "root", (f"runtime directory {base / 'theirs' / 'root'} lies under {base / 'theirs'}, "
+                                      f"a directory owned by uid {other.uid} ({other.name}), mode 0755: another "
+                                      "user could replace it")
+
+
+@pytest.mark.parametrize("make", [_symlinked_root, _others_root, _group_writable_root, _symlinked_instance_dir,
+                                  _others_instance_dir, _root_under_others_dir])
+def test_an_untrusted_runtime_directory_is_refused(make, other_user, instance, runtime_dir):
+    if "instance" in make.__code__.co_varnames:
+        root, message = make(runtime_dir, other_user, instance)
+    else:
+        root, message = make(runtime_dir, other_user)
+    before = {p: owner_of(p) for p in runtime_dir.rglob("*")}
+    assert_refused(serve_cli("--instance", instance, "--runtime-dir", str(root)), message)
+    assert {p: owner_of(p) for p in runtime_dir.rglob("*")} == before  # nothing created, nothing chmod'ed
+    with pytest.raises(ForeignError) as refused:
+        Client(instance=instance, runtime_dir=root, timeout_s=2)
+    assert refused.value.code == ErrorCode.FOREIGN and message in str(refused.value)
+
+
+def test_a_coordinator_other_than_the_one_the_runtime_file_names_is_refused(coordinator, instance, runtime_dir):
+    d = runtime_dir / instance
+    info = runtime.read_info(d)
+    assert info.pid == coordinator.proc.pid
+    assert runtime.trusted_info(d) == info
+    runtime.write_info(d, runtime.RuntimeInfo(**{**{f: getattr(info, f) for f in info.__struct_fields__},
+                                                 "pid": os.getpid()}))
+    with pytest.raises(ForeignError) as refused:
+        Client(instance=instance, runtime_dir=runtime_dir, timeout_s=2)
+    assert str(refused.value) == (f"the process listening at {d / runtime.CONTROL_SOCKET} is pid {info.pid} of {ME}, "
+                                  f"but {d / runtime.INFO_FILE} names pid {os.getpid()} of {ME}: not our coordinator")
+    os.replace(d / runtime.INFO_FILE, runtime_dir / "saved.json")
+    (d / runtime.INFO_FILE).symlink_to(runtime_dir / "saved.json")
+    with pytest.raises(ForeignError) as refused:
+        Client(instance=instance, runtime_dir=runtime_dir, timeout_s=2)
+    assert f"{d / runtime.INFO_FILE} is not ours to use: it is a symbolic link owned by {ME}" in str(refused.value)
+    os.unlink(d / runtime.INFO_FILE)
+    runtime.write_info(d, info)
+    with Client(instance=instance, runtime_dir=runtime_dir, timeout_s=5) as client:  # the real one: trusted
+        assert client.stats().pid == coordinator.proc.pid
+
+
+def listen_forever(path: str) -> None:
+    """(as the other user) a fake coordinator: a unix socket that accepts and never answers."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(16)
+    while True:
+        time.sleep(1)
+
+
+def test_a_fake_coordinator_of_another_user_is_refused(other_user, instance, runtime_dir):
+    d = runtime.prepare_dir(runtime_dir / instance)
+    stage = Path(tempfile.mkdtemp(prefix="kvfake", dir="/tmp"))  # the other user's own directory
+    os.chown(stage, other_user.uid, other_user.gid)
+    fake = other_user.spawn(listen_forever, str(stage / "s"))
+    try:
+        deadline = time.monotonic() + 20
+        while not (stage / "s").exists():
+            assert time.monotonic() < deadline, "the fake coordinator did not start"
+            time.sleep(0.02)
+        control = d / runtime.CONTROL_SOCKET
+        os.rename(stage / "s", control)  # what a hijacked directory would hold
+        runtime.write_info(d, runtime.RuntimeInfo(instance, "fake", fake.pid, 1, runtime.endpoint(d, runtime.CONTROL_SOCKET),
+                                                  runtime.endpoint(d, runtime.EVENTS_SOCKET), time.time()))
+        with pytest.raises(ForeignError) as refused:
+            Client(instance=instance, runtime_dir=runtime_dir, timeout_s=2)
+        assert f"{control} is not ours to use: it is a socket owned by uid {other_user.uid} ({other_user.name})" \
+            in str(refused.value)
+        os.chown(control, os.getuid(), os.getgid(), follow_symlinks=False)  # the file is ours, the listener is not
+        with pytest.raises(ForeignError) as refused:
+            Client(instance=instance, runtime_dir=runtime_dir, timeout_s=2)
+        assert str(refused.value) == (
+            f"the process listening at {control} is pid {fake.pid} of uid {other_user.uid} ({other_user.name}), but "
+            f"{d / runtime.INFO_FILE} names pid {fake.pid} of {ME}: not our coordinator")
+    finally:
+        fake.kill()
+        shutil.rmtree(stage)
+
+
+# ---------------------------------------------------------------- case 9: instance names and path lengths
+
+
+@pytest.mark.parametrize("name", [".", "..", ".x"])
+def test_dot_instance_names_are_refused(name, runtime_dir):
+    message = f"instance name {name!r} must be 1-48 characters of [A-Za-z0-9_.-] and must not start with '.'"
+    tmp_before, dir_before = os.stat("/tmp"), owner_of(runtime_dir)
+    assert_refused(serve_cli("--instance", name, "--runtime-dir", str(runtime_dir)), message)
+    assert (os.stat("/tmp").st_mode, os.stat("/tmp").st_uid) == (tmp_before.st_mode, tmp_before.st_uid)
+    assert owner_of(runtime_dir) == dir_before and list(runtime_dir.iterdir()) == []
+    with pytest.raises(ConfigError) as refused:
+        Client(instance=name, runtime_dir=runtime_dir, timeout_s=2)
+    assert str(refused.value) == message and refused.value.code == ErrorCode.BAD_REQUEST
+
+
+def test_runtime_paths_too_long_for_a_socket_are_refused(instance, runtime_dir):
+    room = runtime.MAX_SOCKET_PATH - len(f"{runtime_dir}//{instance}/{runtime.LONGEST_SOCKET_NAME}")
+    fits, too_long = runtime_dir / ("d" * room), runtime_dir / ("d" * (room + 1))
+    sock = f"{too_long}/{instance}/{runtime.LONGEST_SOCKET_NAME}"
+    message = (f"runtime_dir {too_long} is too long: the socket path {sock} would be 108 bytes, a unix socket "
+               "path holds at most 107; choose a shorter runtime directory")
+    assert_refused(serve_cli("--instance", instance, "--runtime-dir", str(too_long)), message)
+    assert not too_long.exists()
+    with pytest.raises(ConfigError) as refused:
+        Client(instance=instance, runtime_dir=too_long, timeout_s=2)
+    assert str(refused.value) == message
+    from ..procs import CoordinatorProcess  # the longest path that fits works, worker socket included
+
+    coordinator = CoordinatorProcess(instance, fits).start()
+    try:
+        assert len(f"{fits}/{instance}/{runtime.LONGEST_SOCKET_NAME}") == 107
+        with Client(instance=instance, runtime_dir=fits, timeout_s=5) as client:
+            assert client.stats().pid == coordinator.proc.pid
+    finally:
+        assert coordinator.stop() == 0
+
+
+# ---------------------------------------------------------------- case 13: values and the tools as another user
+
+
+BAD_VALUES = [
+    (["--cpu-cache-gb", "nan"], {}, None, "cpu_cache_gb must be a finite number, got nan"),
+    (["--cpu-cache-gb", "inf"], {}, None, "cpu_cache_gb must be a finite number, got inf"),
+    ([], {}, "lease_ms = 1e400\n", "lease_ms must be an integer, got inf"),
+    ([], {}, "[kvbm]\nlease_ms = 1500.5\n", "lease_ms must be an integer, got 1500.5"),
+    ([], {}, "disk_cache_gb = nan\n", "disk_cache_gb must be a finite number, got nan"),
+    ([], {"KVBM_MAX_FRAME_BYTES": "-1"}, None, "max_frame_bytes must be between 4096 and 4294967296, got -1"),
+    ([], {"KVBM_LEASE_MS": "5e3"}, "metrics_port = 70000\n", "metrics_port must be between 0 and 65535, got 70000"),
+    ([], {}, "transfer_workers = true\n", "transfer_workers must be an integer, got True"),
+    ([], {}, 'disk_dir = "/tmp/a\\u0000b"\n', "disk_dir must be a path without NUL characters"),
+    ([], {}, "kvbm = 5\n", "kvbm must be a table of options, got 5"),
+    ([], {}, bytes(range(256)), "is not TOML: not UTF-8 text (invalid start byte at byte 128)"),
+]
+
+
+@pytest.mark.parametrize("argv,env,toml,message", BAD_VALUES)
+def test_a_bad_configuration_value_is_refused_by_name(argv, env, toml, message, instance, runtime_dir):
+    if toml is not None:
+        path = runtime_dir / "bad.toml"
+        path.write_bytes(toml if isinstance(toml, bytes) else toml.encode())
+        argv = [*argv, "--config", str(path)]
+    done = serve_cli("--instance", instance, "--runtime-dir", str(runtime_dir), *argv, env=env)
+    assert_refused(done, message)
+    assert done.stdout == "" and done.stderr.count("\n") == 1
+    assert list(runtime_dir.iterdir()) == ([path] if toml is not None else [])
+
+
+def test_bad_flags_and_client_values_are_refused_by_name(instance, runtime_dir):
+    done = serve_cli("--instance", instance, "--runtime-dir", str(runtime_dir), "--lease-ms", "1e400")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "kvbm-shm serve: error: argument --lease-ms: invalid int value: '1e400'" in done.stderr
+    for key, value, message in (("KVBM_TIMEOUT_S", "nan", "timeout_s must be a finite number, got 'nan'"),
+                                ("KVBM_COPY_THREADS", "2.5", "copy_threads must be an integer, got '2.5'")):
+        with pytest.raises(ConfigError) as refused:
+            ClientConfig.load(env={key: value})
+        assert str(refused.value) == message
+    assert ServiceConfig.load(env={"KVBM_LEASE_MS": "2e3"}, overrides={"runtime_dir": runtime_dir}).lease_ms == 2000
+
+
+def test_ls_and_gc_as_another_user_say_what_they_cannot_read(other_user, coordinator, instance, runtime_dir):
+    kv = engine.make_kv(1)
+    with engine.connect(instance, runtime_dir) as client:
+        client.register_layout(engine.namespace(kv))
+    segment = SHM_DIR / pool_name(instance, 0)
+    unreadable = f"{runtime_dir}: Permission denied (a directory owned by {ME}, mode 0700)"
+    rc, out, err = other_user.call(run_main, ["ls", "--runtime-dir", str(runtime_dir)])
+    assert rc == 0 and err == f"kvbm-shm ls: cannot read {unreadable}\n"
+    (row,) = [line for line in out.splitlines() if line.startswith(segment.name + " ")]
+    assert f"FOREIGN ({user_name(os.getuid())}, uid {os.getuid()})" in row
+    rc, out, err = other_user.call(run_main, ["gc", "--runtime-dir", str(runtime_dir)])
+    assert rc == 0 and err == ""
+    assert f"kept {runtime_dir}: cannot read it: Permission denied (a directory owned by {ME}, mode 0700)" in out
+    assert f"kept {segment}: not ours: {segment} is not ours to use: it is a regular file owned by {ME}" in out
+    rc, out, err = other_user.call(run_main, ["gc", "--runtime-dir", str(runtime_dir), "--json"])
+    report = json.loads(out)
+    assert rc == 0 and report["removed"] == []
+    assert segment.exists() and coordinator.proc.poll() is None
+    with engine.connect(instance, runtime_dir) as client:
+        assert client.register_layout(engine.namespace(kv)).segment.name == segment.name
