@@ -28,7 +28,7 @@ _EXPORTS = {
     "ServiceConfig": "config", "ClientConfig": "config",
     "KvbmError": "errors", "ErrorCode": "errors", "ProtocolError": "errors", "RequestError": "errors",
     "LeaseError": "errors", "CapacityError": "errors", "CoordinatorUnavailable": "errors",
-    "CorruptionError": "errors", "ConfigError": "errors", "DeviceError": "errors",
+    "CorruptionError": "errors", "ConfigError": "errors", "DeviceError": "errors", "ForeignError": "errors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -200,9 +200,10 @@ class _Core:
         self._heartbeat: _Heartbeat | None = None
 
     def _endpoint_from_runtime(self) -> str:
-        d = self.config.instance_dir
-        info = runtime.read_info(d)
-        return info.endpoint if info else runtime.endpoint(d, runtime.CONTROL_SOCKET)
+        """The endpoint of a coordinator we can trust: our own runtime directory and file, and the
+        process they name listening (`runtime.trusted_info`); else ForeignError or, with no
+        coordinator, CoordinatorUnavailable."""
+        return runtime.trusted_info(self.config.instance_dir, self.config.timeout_s).endpoint
 
     def _new_socket(self, ctx: zmq.Context) -> zmq.Socket:
         s = ctx.socket(zmq.DEALER)

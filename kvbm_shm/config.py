@@ -3,21 +3,28 @@
 `ServiceConfig` configures a coordinator (`kvbm-shm serve`); `ClientConfig` tells a client or a
 tool where to find one. Values come, lowest precedence first, from the embedded defaults below,
 a TOML file (`--config` or `KVBM_CONFIG`), `KVBM_<FIELD>` environment variables, and explicit
-overrides (command-line flags). Unknown keys and malformed values raise `ConfigError`.
+overrides (command-line flags). Unknown keys and malformed values raise `ConfigError` naming the
+option: every number must be finite and in its range, an integer option takes only integral
+values, a path holds no NUL, an instance name is 1-48 characters of [A-Za-z0-9_.-] not starting
+with a dot, and the runtime directory must leave room for its socket paths (`runtime`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
+from . import runtime
 from .errors import ConfigError
 
 _INSTANCE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,48}$")
+_DAY_MS = 86_400_000  # longest lease and deadline
+_MAX_WORKERS = 1024  # most worker processes or threads of one kind
 
 
 def default_runtime_root() -> Path:
@@ -35,9 +42,28 @@ def default_disk_dir() -> Path:
 
 
 def check_instance(name: str) -> str:
-    if not _INSTANCE_RE.match(name):
-        raise ConfigError(f"instance name {name!r} must be 1-48 characters of [A-Za-z0-9_.-]")
+    if not isinstance(name, str) or not _INSTANCE_RE.match(name) or name.startswith("."):
+        raise ConfigError(f"instance name {name!r} must be 1-48 characters of [A-Za-z0-9_.-] "
+                          "and must not start with '.'")
     return name
+
+
+def _check_values(config: Any) -> None:
+    """Every field holds a value of its kind: integers integral, numbers finite, paths without NUL."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.type == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{field.name} must be an integer, got {value!r}")
+        if field.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+            raise ConfigError(f"{field.name} must be a finite number, got {value!r}")
+        if field.type == "Path" and "\0" in str(value):
+            raise ConfigError(f"{field.name} must be a path without NUL characters, got {str(value)!r}")
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,21 +92,22 @@ class ServiceConfig:
     disk_low_watermark: float = 0.25  # write back when free+clean blocks fall under this share of a pool
 
     def __post_init__(self) -> None:
+        _check_values(self)
         check_instance(self.instance)
+        runtime.check_socket_room(self.instance_dir)
         if self.cpu_cache_gb <= 0:
             raise ConfigError(f"cpu_cache_gb must be positive, got {self.cpu_cache_gb}")
-        if self.lease_ms < 50:
-            raise ConfigError(f"lease_ms must be at least 50, got {self.lease_ms}")
+        _check_range("lease_ms", self.lease_ms, 50, _DAY_MS)
+        _check_range("max_frame_bytes", self.max_frame_bytes, 4096, 1 << 32)
         for name in ("max_leases", "max_leases_per_process", "max_pools"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+            _check_range(name, getattr(self, name), 1, 1 << 20)
         if self.disk_cache_gb < 0:
             raise ConfigError(f"disk_cache_gb must not be negative, got {self.disk_cache_gb}")
-        if self.transfer_workers < 0:
-            raise ConfigError(f"transfer_workers must not be negative, got {self.transfer_workers}")
-        if self.disk_io_workers < 1 or self.disk_io_threads < 1:
-            raise ConfigError(f"disk_io_workers and disk_io_threads must be at least 1, got "
-                              f"{self.disk_io_workers} and {self.disk_io_threads}")
+        _check_range("metrics_port", self.metrics_port, 0, 65535)
+        _check_range("max_connections", self.max_connections, 0, 1 << 24)
+        _check_range("transfer_workers", self.transfer_workers, 0, _MAX_WORKERS)
+        _check_range("disk_io_workers", self.disk_io_workers, 1, _MAX_WORKERS)
+        _check_range("disk_io_threads", self.disk_io_threads, 1, _MAX_WORKERS)
         if self.disk_admit_uses < 1:
             raise ConfigError(f"disk_admit_uses must be at least 1, got {self.disk_admit_uses}")
         if not 0 < self.disk_low_watermark <= 1:
@@ -133,11 +160,13 @@ class ClientConfig:
     copy_threads: int = dataclasses.field(default_factory=lambda: min(4, os.cpu_count() or 1))  # per large copy
 
     def __post_init__(self) -> None:
+        _check_values(self)
         check_instance(self.instance)
-        if self.timeout_s <= 0:
-            raise ConfigError(f"timeout_s must be positive, got {self.timeout_s}")
-        if self.copy_threads < 1:
-            raise ConfigError(f"copy_threads must be at least 1, got {self.copy_threads}")
+        if not self.endpoint:
+            runtime.check_socket_room(self.instance_dir)
+        _check_range("timeout_s", self.timeout_s, 0.001, _DAY_MS // 1000)
+        _check_range("setup_timeout_s", self.setup_timeout_s, 0.001, _DAY_MS // 1000)
+        _check_range("copy_threads", self.copy_threads, 1, _MAX_WORKERS)
 
     @property
     def instance_dir(self) -> Path:
@@ -160,9 +189,14 @@ def _read_toml(path: Path) -> dict[str, Any]:
             data = tomllib.load(f)
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not TOML: not UTF-8 text ({e.reason} at byte {e.start})") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
-    return data.get("kvbm", data)
+    section = data.get("kvbm", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {path}: kvbm must be a table of options, got {section!r}")
+    return section
 
 
 def _from_env(cls: type, env: Mapping[str, str]) -> dict[str, Any]:
@@ -185,6 +219,7 @@ def _build(cls: type, values: dict[str, Any]):
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:
+    """`value` (TOML, environment text or a flag) as `kind`; ranges are checked by the config."""
     try:
         if kind is bool:
             if isinstance(value, str):
@@ -193,9 +228,37 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
                 if value.lower() in ("0", "false", "no", "off"):
                     return False
                 raise ValueError(value)
+            if value not in (0, 1):
+                raise ValueError(value)
             return bool(value)
+        if isinstance(value, bool):  # TOML true for a number or a name
+            raise TypeError(value)
         if issubclass(kind, Path):
+            if not isinstance(value, (str, os.PathLike)):
+                raise TypeError(value)
             return Path(value).expanduser()
+        if kind is int:
+            return _integer(value)
+        if kind is float:
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+            return number
         return kind(value)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"configuration value {name}={value!r} is not a valid {kind.__name__}") from e
+    except (TypeError, ValueError, OverflowError) as e:
+        what = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, f"a {kind.__name__}")
+        raise ConfigError(f"{name} must be {what}, got {value!r}") from e
+
+
+def _integer(value: Any) -> int:
+    """An int from an int, an integral finite float, or text naming either."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            value = float(value)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    raise ValueError(value)

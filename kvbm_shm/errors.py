@@ -36,6 +36,7 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_DEVICE = 20  # the device (G1) registration is not, or no longer, known
     DEVICE_FAILED = 21  # a CUDA call, or exporting or importing a tensor across processes, failed
     CAPACITY = 22  # a bound on what a peer or the instance may hold (leases, pools, devices) is reached
+    FOREIGN = 23  # a file, directory or peer is not ours to trust (another user's, a link, loose mode)
 
 
 _RETRYABLE = {ErrorCode.UNKNOWN_LEASE, ErrorCode.TIMEOUT, ErrorCode.UNAVAILABLE, ErrorCode.WORKER_FAILED}
@@ -104,6 +105,14 @@ class DeviceError(KvbmError):
     code = ErrorCode.DEVICE_FAILED
 
 
+class ForeignError(KvbmError):
+    """A segment, runtime directory, runtime file or coordinator that is not ours to trust: another
+    user's, reached through a symbolic link, open to others, or not the process the runtime file
+    names. It is left alone (never used, never removed); the message names it and its owner."""
+
+    code = ErrorCode.FOREIGN
+
+
 class ConfigError(KvbmError):
     """A configuration value is missing, malformed, or the environment cannot satisfy it."""
 
@@ -123,6 +132,7 @@ _BY_CODE: dict[ErrorCode, type[KvbmError]] = {
     ErrorCode.UNAVAILABLE: CoordinatorUnavailable,
     ErrorCode.CORRUPT: CorruptionError,
     ErrorCode.DEVICE_FAILED: DeviceError,
+    ErrorCode.FOREIGN: ForeignError,
 }
 
 

@@ -6,6 +6,11 @@ Primitives:
   creation with `CapacityError`, never with SIGBUS on first write) and mapped with MAP_POPULATE
   (pre-faulted). It is never registered with multiprocessing's resource tracker: the creator
   owns the unlink, attachers only close.
+- Ownership: a segment is created O_EXCL with mode 0600; `attach` opens with O_NOFOLLOW and
+  checks the opened file (`ownership.check_file`: a regular file of our uid, mode 0600), and
+  `unlink` removes only such files. Anything else (another user's file at our name, a link, a
+  FIFO, a file open to others) raises `ForeignError` naming it and its owner, and is left alone.
+- `pool_name(instance, pool_id)`: the one place pool segments are named.
 - `PoolSegment`: one G2 pool. Layout of the segment:
 
       [header: 4 KiB][block table: num_blocks x 64-byte records][pad to 4 KiB][block data]
@@ -33,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CapacityError, CorruptionError, ErrorCode
+from . import ownership
+from .errors import CapacityError, CorruptionError, ErrorCode, ForeignError
 
 SHM_DIR = Path("/dev/shm")
 SEGMENT_PREFIX = "kvbm-"
@@ -103,10 +109,39 @@ def shm_free_bytes() -> int:
     return st.f_bavail * st.f_frsize
 
 
+def pool_prefix(instance: str) -> str:
+    return f"{SEGMENT_PREFIX}{instance}-pool-"
+
+
+def pool_name(instance: str, pool_id: int) -> str:
+    """The segment name of pool `pool_id` of `instance` (parsed back by `observe.node.POOL_NAME`)."""
+    return f"{pool_prefix(instance)}{pool_id}"
+
+
+def free_pool_id(instance: str, first: int, tries: int = 64) -> int:
+    """The first pool id from `first` on whose segment name is free. A name taken by a file that
+    was not adopted (another user's, see `Coordinator.recover`) is skipped; after `tries` taken
+    names, ForeignError names the first one and its owner."""
+    for pool_id in range(first, first + tries):
+        path = SHM_DIR / pool_name(instance, pool_id)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return pool_id
+        if pool_id == first:
+            taken = f"{path} is {ownership.describe(st)}"
+    raise ForeignError(f"cannot name a new pool of instance {instance!r}: {taken}, and the next {tries - 1} "
+                       "names are taken too by files that were not adopted; remove them")
+
+
 def unlink(name: str) -> bool:
-    """Remove a segment by name; False if it was already gone."""
+    """Remove one of our segments by name; False if it was already gone, ForeignError if it is not
+    ours (another user's file or a link: never removed)."""
+    _check_name(name)
+    path = SHM_DIR / name
     try:
-        os.unlink(SHM_DIR / name)
+        ownership.check_file(path, os.lstat(path))
+        os.unlink(path)
         return True
     except FileNotFoundError:
         return False
@@ -143,8 +178,16 @@ class Segment:
                 f"/dev/shm has {free / 2**20:.1f} MiB free, segment {name} needs {size / 2**20:.1f} MiB; "
                 "lower cpu_cache_gb or enlarge /dev/shm (e.g. docker --shm-size)", ErrorCode.SHM_FULL)
         path = SHM_DIR / name
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            try:
+                taken = ownership.describe(os.lstat(path))
+            except FileNotFoundError:
+                taken = "a file that is gone again"
+            raise ForeignError(f"cannot create segment {path}: the name is taken by {taken}") from None
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
             os.posix_fallocate(fd, 0, size)
         except OSError as e:
             os.close(fd)
@@ -167,7 +210,7 @@ class Segment:
         `populate=False` maps lazily: a reader of the header and table (the inspection tools)
         then faults in only the pages it reads, not the whole pool."""
         _check_name(name)
-        fd = os.open(SHM_DIR / name, os.O_RDWR if writable else os.O_RDONLY)
+        fd = _open_own(SHM_DIR / name, os.O_RDWR if writable else os.O_RDONLY)
         size = os.fstat(fd).st_size
         if size == 0:
             os.close(fd)
@@ -192,8 +235,30 @@ class Segment:
 
 
 def _check_name(name: str) -> None:
-    if "/" in name or not name.startswith(SEGMENT_PREFIX):
-        raise ValueError(f"segment name {name!r} must start with {SEGMENT_PREFIX!r} and contain no '/'")
+    if "/" in name or "\0" in name or not name.startswith(SEGMENT_PREFIX) or len(name.encode()) > 255:
+        raise ValueError(f"segment name {name!r} must start with {SEGMENT_PREFIX!r}, contain no '/' or NUL "
+                         "and be at most 255 bytes")
+
+
+def _open_own(path: Path, mode: int) -> int:
+    """Open one of our segments (see the module docstring); ForeignError for anything else.
+    O_NONBLOCK: a FIFO planted at the name must not block the open."""
+    try:
+        fd = os.open(path, mode | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EACCES, errno.EPERM, errno.ENXIO):
+            try:
+                st = os.lstat(path)
+            except OSError:
+                raise e from None
+            ownership.check_file(path, st)
+        raise
+    try:
+        ownership.check_file(path, os.fstat(fd))
+    except ForeignError:
+        os.close(fd)
+        raise
+    return fd
 
 
 class SplitSegment(Segment):

@@ -2,7 +2,7 @@
 
 Without a GPU an engine's KV tensors live in a shm segment and are shared by name instead of by
 CUDA IPC handle, so that worker-driven transfers run on CPU through the same protocol, planner
-and workers as on a GPU (DESIGN.md).
+and workers as on a GPU.
 
 - `StandInKv.create(instance, shapes, dtype)` (engine process): one segment holding all the
   tensors, each 4 KiB aligned; `tensors` are torch tensors over the mapping. `locate(tensor)`
@@ -12,7 +12,9 @@ and workers as on a GPU (DESIGN.md).
   engine that crashed leaves nothing in /dev/shm.
 
 Segment names are `kvbm-<instance>-dev-<pid>-<n>`: the instance, the creator's pid and a counter.
-Peers attach by name and only close.
+Peers attach by name and only close. Stand-ins follow the ownership rules of every segment
+(`shm`): created 0600, attached only when they are our uid's, and `reap_dead` leaves another
+user's files alone.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import math
 import os
 from typing import Sequence
 
+from .errors import ForeignError
 from .runtime import pid_alive
 from .shm import PAGE, Segment, list_segments, round_up, unlink
 
@@ -101,8 +104,13 @@ def reap_dead(instance: str) -> list[str]:
     prefix = segment_prefix(instance)
     for name in list_segments(prefix):
         pid_text = name[len(prefix):].split("-", 1)[0]
-        if pid_text.isdigit() and not pid_alive(int(pid_text)) and unlink(name):
-            removed.append(name)
+        if not pid_text.isdigit() or pid_alive(int(pid_text)):
+            continue
+        try:
+            if unlink(name):
+                removed.append(name)
+        except ForeignError as e:
+            log.debug("not removing a stand-in segment that is not ours: %s", e)
     if removed:
         log.info("removed %d stand-in segment(s) of dead engines: %s", len(removed), ", ".join(removed))
     return removed

@@ -12,7 +12,6 @@ import sys
 import time
 
 from .. import runtime
-from ..errors import CoordinatorUnavailable
 from ..observe.events import EventStream, to_builtins
 from ..observe.snapshot import TIER_NAMES
 from . import common
@@ -27,10 +26,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    instance, instance_dir = common.instance_location(args)
-    info = runtime.read_info(instance_dir)
-    if info is None:
-        raise CoordinatorUnavailable(f"no coordinator of instance {instance!r} (no runtime file in {instance_dir})")
+    _, instance_dir = common.instance_location(args)
+    info = runtime.trusted_info(instance_dir)
     printed = 0
     try:
         with EventStream(info.events_endpoint) as stream:

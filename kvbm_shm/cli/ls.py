@@ -2,13 +2,17 @@
 
 One row per `/dev/shm/kvbm-*` segment: instance, kind, model, size, blocks, owner pid, whether
 the owner lives, and the pids that map it; orphans (no live coordinator of their instance) are
-marked. Then one row per instance (segments and runtime directories under `--runtime-dir`).
-Read-only: it takes no lock and works whatever state the coordinators are in.
+marked, and so are segments that are not ours to trust (`FOREIGN`, with the owning user: another
+user's file at a kvbm name, a link, a file open to others; never adopted, never removed). Then
+one row per instance (segments and runtime directories under `--runtime-dir`), then what could
+not be read (another user's runtime directories), on stderr. Read-only: it takes no lock and
+works whatever state the coordinators are in.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..observe import node
 from . import common
@@ -22,6 +26,8 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     view = node.scan(common.runtime_root(args))
+    for u in view.unreadable:
+        print(f"kvbm-shm ls: cannot read {u.path}: {u.reason}", file=sys.stderr)
     if args.json:
         common.print_json(view)
         return 0
@@ -50,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _status(s: node.SegmentInfo) -> str:
+    if s.kind == "foreign":
+        return f"FOREIGN ({s.user}, uid {s.uid})"
     if s.orphan:
         return "ORPHAN"
     if s.orphan is None:

@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     except KvbmError as e:
         print(f"kvbm-shm {args.command}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file or directory the command could not use (another user's, ...)
+        where = f" {e.filename}" if e.filename else ""
+        print(f"kvbm-shm {args.command}: cannot use{where}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

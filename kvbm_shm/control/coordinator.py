@@ -36,10 +36,11 @@ import msgspec
 
 from .. import protocol as p
 from ..config import ServiceConfig
-from ..errors import CapacityError, ErrorCode, KvbmError, RequestError
+from ..errors import CapacityError, ErrorCode, ForeignError, KvbmError, RequestError
 from ..kernels import cpu_copy
 from ..layout import Namespace
-from ..shm import MAX_NAMESPACE_BYTES, BlockState, PoolSegment, list_segments, unlink
+from ..shm import (MAX_NAMESPACE_BYTES, BlockState, PoolSegment, free_pool_id, list_segments, pool_name, pool_prefix,
+                   unlink)
 from .devices import DeviceTier
 from .disk_tier import DiskTier, Fetch
 from .leases import Held, Lease, LeaseTable
@@ -142,11 +143,18 @@ class Coordinator:
         return events
 
     def recover(self) -> int:
-        """Adopt pools left by a dead coordinator of this instance; unlink unusable ones."""
+        """Adopt pools left by a dead coordinator of this instance; unlink unusable ones. Only our
+        own segments are adopted or removed (see `shm`): another user's file, a link or a file
+        open to others is left alone and logged, and new pools are named past it."""
         kept = 0
-        for name in list_segments(f"kvbm-{self.config.instance}-pool-"):
+        for name in list_segments(pool_prefix(self.config.instance)):
             try:
                 seg = PoolSegment.attach(name)
+            except ForeignError as e:
+                log.warning("leaving a segment that is not ours alone: %s", e)
+                continue
+            except FileNotFoundError:
+                continue
             except (KvbmError, OSError) as e:
                 log.warning("removing unusable segment %s: %s", name, e)
                 unlink(name)
@@ -439,11 +447,11 @@ class Coordinator:
                 f"cpu cache budget exhausted: {free / 2**20:.1f} MiB of {budget / 2**20:.1f} MiB left, "
                 f"a pool for {ns.model!r} needs at least {PoolSegment.size_for(1, ns.kv.block_bytes) / 2**20:.2f} MiB")
         size = PoolSegment.size_for(num_blocks, ns.kv.block_bytes)
-        pool_id = max([*self.pools, *self._pending_ids(), -1]) + 1
+        pool_id = free_pool_id(self.config.instance, max([*self.pools, *self._pending_ids(), -1]) + 1)
         fp = ns.fingerprint
         self._reserved_bytes += size
         fut = self._executor.submit(
-            PoolSegment.create, f"kvbm-{self.config.instance}-pool-{pool_id}", pool_id=pool_id,
+            PoolSegment.create, pool_name(self.config.instance, pool_id), pool_id=pool_id,
             num_blocks=num_blocks, block_bytes=ns.kv.block_bytes, instance=self.config.instance,
             segment_id=uuid.uuid4().hex, fingerprint=fp, namespace=msgspec.msgpack.encode(ns))
         fut.pool_id, fut.size = pool_id, size

@@ -16,7 +16,10 @@ Rules:
   A segment still mapped by a client is unlinked all the same (its memory is returned when the
   last process unmaps it); `mapped_by` says who still holds it.
 - Never touched: segments that are not pools (`other`: not ours to interpret), another user's
-  segments, anything of a live instance, files of a runtime directory that are not ours.
+  segments and anything else not ours to trust (`foreign`: links, FIFOs, files open to others),
+  anything of a live instance, files of a runtime directory that are not ours, and a runtime
+  directory that is not ours to trust (`runtime.prepare_dir` refuses it). What cannot be read
+  (another user's runtime directory) is reported as kept, with the reason.
 - `dry_run` takes no lock and changes nothing: it reports what a run would do, judging liveness
   the read-only way (`node.scan`).
 Run it with the runtime directory the coordinators use (`--runtime-dir` / `KVBM_RUNTIME_DIR`).
@@ -32,8 +35,8 @@ from pathlib import Path
 
 import msgspec
 
-from .. import runtime
-from ..errors import ErrorCode, KvbmError
+from .. import runtime, shm
+from ..errors import ErrorCode, ForeignError, KvbmError
 from . import node
 
 log = logging.getLogger(__name__)
@@ -69,12 +72,14 @@ def collect(runtime_root: Path, dry_run: bool = False, instances: list[str] | No
     for s in view.segments:
         if instances is not None and s.instance not in instances:
             continue
-        if s.instance is None:
+        if s.kind == "foreign" or s.uid != uid:
+            report.kept.append(Kept(node.segment_path(s.name), s.instance,
+                                    f"not ours: {s.error or f'belongs to uid {s.uid} ({s.user})'}"))
+        elif s.instance is None:
             report.kept.append(Kept(node.segment_path(s.name), None, "not a kvbm pool segment: left to its owner"))
-        elif s.uid != uid:
-            report.kept.append(Kept(node.segment_path(s.name), s.instance, f"belongs to uid {s.uid}"))
         else:
             segments[s.instance].append(s)
+    report.kept.extend(Kept(u.path, None, f"cannot read it: {u.reason}") for u in view.unreadable)
     dirs = {name: path for name, path in node.runtime_dirs(runtime_root).items()
             if instances is None or name in instances}
     live = {i.instance: i.pid for i in view.instances if i.alive}
@@ -124,9 +129,10 @@ def _clean(report: GcReport, instance: str, instance_dir: Path, seen: dict[str, 
                 continue
             info.mapped_by = seen[name].mapped_by if name in seen else []
             try:
-                os.unlink(node.segment_path(name))
-            except FileNotFoundError:
-                continue
+                if not shm.unlink(name):
+                    continue
+            except ForeignError:
+                continue  # swapped for a file that is not ours since the scan: left alone
             report.removed.append(_segment_removal(info))
             log.info("removed segment %s of dead instance %s", name, instance)
         if had_dir:

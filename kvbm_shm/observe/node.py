@@ -7,14 +7,19 @@ Nothing is written and no lock is taken: looking never disturbs a running or sta
 Segment kinds:
 - `pool`: a G2 pool whose header checks out; instance, namespace and owner come from the header.
 - `corrupt` / `unreadable`: named like a pool (`kvbm-<instance>-pool-<id>`, the coordinator's
-  naming) but its header does not check out / it cannot be opened (another user's); `error`
-  says why, the instance comes from the name.
+  naming) but its header does not check out / it cannot be opened; `error` says why, the
+  instance comes from the name.
+- `foreign`: not ours to trust (`shm`: another user's file, a symbolic link, a FIFO, a file open
+  to others); never opened for its contents, never counted as an instance's, never removed;
+  `error` names its owner and mode, the instance (if any) comes from the name.
 - `other`: any other `kvbm-` segment (another tier's, or not ours to interpret); left alone.
 
 Liveness. A pool's owner is the coordinator pid in its header; it is alive when that process
 lives and maps the segment (so a recycled pid does not count). An instance is live when a pool
 owner of it is alive, or a process holds its runtime directory's lock. A pool or corrupt segment
-is an orphan when its instance is not live; `orphan` is None for `other` segments.
+is an orphan when its instance is not live; `orphan` is None for `other` and `foreign` segments.
+What cannot be read (a runtime root or instance directory of another user) is listed in
+`NodeView.unreadable` with the reason, instead of failing the scan.
 `instance_segments(instance)` lists the segment names that belong to one instance exactly (an
 instance named `a` does not claim `kvbm-a-b-pool-0`, which is instance `a-b`'s).
 """
@@ -29,21 +34,23 @@ import msgspec
 
 from .. import runtime
 from ..config import check_instance
-from ..errors import ConfigError, KvbmError
+from .. import ownership
+from ..errors import ConfigError, ForeignError, KvbmError
 from ..layout import Namespace
 from ..shm import HEADER_BYTES, POOL_MAGIC, SEGMENT_PREFIX, SHM_DIR, PoolSegment, list_segments
 from . import procfs
 
-# how control.coordinator names pool segments: f"kvbm-{instance}-pool-{pool_id}"
+# how shm.pool_name names pool segments: f"kvbm-{instance}-pool-{pool_id}"
 POOL_NAME = re.compile(r"^kvbm-(?P<instance>[A-Za-z0-9_.-]{1,48})-pool-(?P<pool_id>\d+)$")
 _RUNTIME_FILES = (runtime.INFO_FILE, runtime.LOCK_FILE, runtime.CONTROL_SOCKET, runtime.EVENTS_SOCKET)
 
 
 class SegmentInfo(msgspec.Struct, kw_only=True):
     name: str
-    kind: str  # "pool", "corrupt", "unreadable" or "other"
+    kind: str  # "pool", "corrupt", "unreadable", "foreign" or "other"
     size_bytes: int
     uid: int
+    user: str  # the owner's user name
     instance: str | None = None
     pool_id: int | None = None
     model: str | None = None
@@ -54,7 +61,7 @@ class SegmentInfo(msgspec.Struct, kw_only=True):
     owner_alive: bool | None = None
     orphan: bool | None = None
     mapped_by: list[int] = []  # pids that have it mapped (the owner and attached clients)
-    error: str | None = None  # why it is corrupt or unreadable (names the segment)
+    error: str | None = None  # why it is corrupt, unreadable or foreign (names the segment and its owner)
 
 
 class InstanceInfo(msgspec.Struct, kw_only=True):
@@ -67,10 +74,16 @@ class InstanceInfo(msgspec.Struct, kw_only=True):
     segment_bytes: int
 
 
+class Unreadable(msgspec.Struct):
+    path: str
+    reason: str  # the error, and whose the path is
+
+
 class NodeView(msgspec.Struct):
     runtime_root: str
     segments: list[SegmentInfo]
     instances: list[InstanceInfo]
+    unreadable: list[Unreadable] = []  # what could not be read (another user's directories)
 
 
 def segment_path(name: str) -> str:
@@ -79,13 +92,19 @@ def segment_path(name: str) -> str:
 
 def read_segment(name: str) -> SegmentInfo:
     """What the segment's name and header say (no liveness); raises FileNotFoundError if gone."""
-    st = os.stat(SHM_DIR / name)
-    info = SegmentInfo(name=name, kind="other", size_bytes=st.st_size, uid=st.st_uid)
+    st = os.lstat(SHM_DIR / name)
+    info = SegmentInfo(name=name, kind="other", size_bytes=st.st_size, uid=st.st_uid,
+                       user=ownership.user_name(st.st_uid))
     named = POOL_NAME.match(name)
     try:
         seg = PoolSegment.attach(name, writable=False, populate=False)
     except FileNotFoundError:
         raise
+    except ForeignError as e:
+        info.kind, info.error = "foreign", str(e)
+        if named:
+            info.instance, info.pool_id = named["instance"], int(named["pool_id"])
+        return info
     except (KvbmError, OSError) as e:
         if named:
             info.kind = "unreadable" if isinstance(e, OSError) else "corrupt"
@@ -105,10 +124,15 @@ def read_segment(name: str) -> SegmentInfo:
 def _blank_header(name: str) -> bool:
     """Whether the magic is still zeros: `PoolSegment.create` writes it last."""
     try:
-        with open(SHM_DIR / name, "rb") as f:
-            return f.read(len(POOL_MAGIC)) == bytes(len(POOL_MAGIC))
+        fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return False
+    try:
+        return os.pread(fd, len(POOL_MAGIC), 0) == bytes(len(POOL_MAGIC))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _fill_from_header(info: SegmentInfo, seg: PoolSegment) -> None:
@@ -132,11 +156,15 @@ def owner_alive(info: SegmentInfo) -> bool:
     return procfs.maps_file(info.owner_pid, segment_path(info.name)) is not False
 
 
-def runtime_dirs(runtime_root: Path) -> dict[str, Path]:
-    """Instance directories under the runtime root (those holding any runtime file)."""
+def runtime_dirs(runtime_root: Path, unreadable: list[Unreadable] | None = None) -> dict[str, Path]:
+    """Instance directories under the runtime root (those holding any runtime file). What cannot
+    be read is described in `unreadable` (when given) and skipped."""
     try:
         entries = sorted(os.listdir(runtime_root))
     except (FileNotFoundError, NotADirectoryError):
+        return {}
+    except OSError as e:
+        _cannot_read(unreadable, runtime_root, e)
         return {}
     out = {}
     for entry in entries:
@@ -145,9 +173,23 @@ def runtime_dirs(runtime_root: Path) -> dict[str, Path]:
             check_instance(entry)
         except ConfigError:
             continue
-        if path.is_dir() and any((path / f).exists() for f in _RUNTIME_FILES):
-            out[entry] = path
+        try:
+            if path.is_dir() and any(os.path.lexists(path / f) for f in _RUNTIME_FILES):
+                os.listdir(path)
+                out[entry] = path
+        except OSError as e:
+            _cannot_read(unreadable, path, e)
     return out
+
+
+def _cannot_read(unreadable: list[Unreadable] | None, path: Path, e: OSError) -> None:
+    if unreadable is None:
+        return
+    try:
+        whose = f" ({ownership.describe(os.lstat(path))})"
+    except OSError:
+        whose = ""
+    unreadable.append(Unreadable(str(path), f"{e.strerror}{whose}"))
 
 
 def lock_holder(instance_dir: Path) -> int | None:
@@ -163,7 +205,7 @@ def instance_segments(instance: str) -> list[str]:
             info = read_segment(name)
         except FileNotFoundError:
             continue
-        if info.instance == instance:
+        if info.instance == instance and info.kind != "foreign":
             out.append(name)
     return out
 
@@ -187,7 +229,8 @@ def scan(runtime_root: Path, with_mappers: bool = True) -> NodeView:
             last_pid.setdefault(s.instance, s.owner_pid)
             if s.owner_alive:
                 live_pid[s.instance] = s.owner_pid
-    dirs = runtime_dirs(runtime_root)
+    unreadable: list[Unreadable] = []
+    dirs = runtime_dirs(runtime_root, unreadable)
     endpoints = {}
     for name, path in dirs.items():
         holder = lock_holder(path)
@@ -197,17 +240,20 @@ def scan(runtime_root: Path, with_mappers: bool = True) -> NodeView:
             info = runtime.read_info(path)
         except ConfigError:
             info = None
+        except OSError as e:
+            _cannot_read(unreadable, path / runtime.INFO_FILE, e)
+            info = None
         if info is not None:
             last_pid[name] = info.pid
             endpoints[name] = info.endpoint
-    for s in segments:
-        if s.instance is not None:
-            s.orphan = s.instance not in live_pid
+    owned = [s for s in segments if s.instance is not None and s.kind != "foreign"]
+    for s in owned:
+        s.orphan = s.instance not in live_pid
     instances = []
-    for name in sorted({s.instance for s in segments if s.instance is not None} | set(dirs)):
-        mine = [s for s in segments if s.instance == name]
+    for name in sorted({s.instance for s in owned} | set(dirs)):
+        mine = [s for s in owned if s.instance == name]
         instances.append(InstanceInfo(
             instance=name, alive=name in live_pid, pid=live_pid.get(name, last_pid.get(name)),
             runtime_dir=str(dirs[name]) if name in dirs else None, endpoint=endpoints.get(name),
             segments=len(mine), segment_bytes=sum(s.size_bytes for s in mine)))
-    return NodeView(str(runtime_root), segments, instances)
+    return NodeView(str(runtime_root), segments, instances, unreadable)

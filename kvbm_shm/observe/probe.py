@@ -6,7 +6,7 @@ clients and holds no lease. A coordinator that does not answer within `timeout_s
 `CoordinatorUnavailable`: code UNAVAILABLE when no connection was made (none listening, or its
 process is stopped), TIMEOUT when the request was taken but no reply came (its loop is hung). A
 late reply to an earlier call is recognised by its id and dropped.
-`find_endpoint(instance_dir)` reads the runtime file.
+`find_endpoint(instance_dir)` reads the runtime file and checks who listens (`runtime.trusted_info`).
 """
 
 from __future__ import annotations
@@ -23,14 +23,12 @@ from ..errors import ConfigError, CoordinatorUnavailable, ErrorCode, error_from_
 
 
 def find_endpoint(instance_dir: Path) -> str:
-    """The control endpoint from the instance's runtime file; CoordinatorUnavailable if none."""
+    """The control endpoint of the instance's coordinator if we can trust it
+    (`runtime.trusted_info`); CoordinatorUnavailable if none, ForeignError if not ours."""
     try:
-        info = runtime.read_info(instance_dir)
+        return runtime.trusted_info(instance_dir).endpoint
     except ConfigError as e:
         raise CoordinatorUnavailable(str(e)) from e
-    if info is None:
-        raise CoordinatorUnavailable(f"no coordinator runtime file in {instance_dir}")
-    return info.endpoint
 
 
 class StatsProbe:

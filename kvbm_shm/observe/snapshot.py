@@ -19,7 +19,8 @@ exception: a report is still made of the others.
 - `not answering`: its process is alive but did not answer within `timeout_s` (hung, stopped);
   the report is shared memory only.
 - `alive`: its process is alive but has no runtime file under the given runtime directory (it
-  runs with another one), so it was not asked; shared memory only.
+  runs with another one), or the runtime directory or the process listening there is not ours
+  to trust (`runtime.trusted_info`), so it was not asked; shared memory only.
 - `dead`: no process of the instance is alive: a post-mortem view. Pins and partial blocks are
   those at the time of death; a new coordinator of the instance adopts the registered blocks and
   drops the rest (`Coordinator.recover`).
@@ -36,7 +37,7 @@ import msgspec
 import numpy as np
 
 from .. import protocol as p
-from ..errors import CoordinatorUnavailable, CorruptionError, KvbmError
+from ..errors import CoordinatorUnavailable, CorruptionError, ForeignError, KvbmError
 from ..kernels.cpu_copy import checksum
 from ..layout import Namespace
 from ..shm import COUNTER_NAMES, BlockState, PoolSegment
@@ -174,6 +175,8 @@ def _coordinator_state(instance_dir: Path, infos: list[node.SegmentInfo], timeou
     except CoordinatorUnavailable as e:
         return CoordinatorState("alive", pid, f"{e} (pass the runtime directory it uses); "
                                               "showing shared memory only"), None
+    except ForeignError as e:
+        return CoordinatorState("alive", pid, f"{e}; not asked, showing shared memory only"), None
     try:
         with StatsProbe(endpoint, timeout_s) as probe:
             stats = probe.stats()
