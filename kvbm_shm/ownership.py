@@ -58,7 +58,9 @@ def check_dir(path: str | os.PathLike) -> os.stat_result:
     if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()
             or stat.S_IMODE(st.st_mode) & (stat.S_IWGRP | stat.S_IWOTH)):
         raise ForeignError(f"runtime directory {path} is not ours to trust: it is {describe(st)}; it must be "
-                           f"a directory (not a symbolic link) owned by {_me()} that no one else can write")
+                           f"a directory (not a symbolic link) owned by {_me()} that no one else can write "
+                           "(remove it, or choose another runtime directory: --runtime-dir, KVBM_RUNTIME_DIR or "
+                           "$XDG_RUNTIME_DIR)")
     return st
 
 

@@ -115,7 +115,8 @@ def trusted_info(instance_dir: Path, timeout_s: float = 2.0) -> RuntimeInfo:
         raise ConfigError(f"runtime file {d / INFO_FILE} is unreadable: {e}") from e
     control = d / CONTROL_SOCKET
     if info.endpoint != endpoint(d, CONTROL_SOCKET) and not _same_socket(info.endpoint, control):
-        raise ForeignError(f"runtime file {d / INFO_FILE} names endpoint {info.endpoint}, not {endpoint(d, CONTROL_SOCKET)}")
+        raise ForeignError(f"runtime file {d / INFO_FILE} names endpoint {info.endpoint}, "
+                           f"not {endpoint(d, CONTROL_SOCKET)}")
     pid, uid = peer_credentials(control, timeout_s)
     if uid != os.getuid() or pid != info.pid:
         raise ForeignError(f"the process listening at {control} is pid {pid} of uid {uid} "

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
 
 from kvbm_shm import runtime
 from kvbm_shm.cli.main import main
@@ -33,12 +32,11 @@ from kvbm_shm.client import Client
 from kvbm_shm.config import ClientConfig, ServiceConfig
 from kvbm_shm.errors import ConfigError, ErrorCode, ForeignError
 from kvbm_shm.kernels.cpu_copy import checksum
-from kvbm_shm.observe import gc as _gc, node as _node  # noqa: F401  (imported before forking: see conftest)
 from kvbm_shm.ownership import user_name
 from kvbm_shm.shm import HEADER_DTYPE, RECORD_DTYPE, SHM_DIR, BlockState, Segment, pool_name, unlink
 
 from .. import engine
-from ..procs import start_child
+from ..procs import CoordinatorProcess
 
 REPO = Path(__file__).resolve().parents[2]
 ME = f"uid {os.getuid()} ({user_name(os.getuid())})"
@@ -240,7 +238,8 @@ def _others_root(base: Path, other) -> tuple[Path, str]:
 def _group_writable_root(base: Path, other) -> tuple[Path, str]:
     (base / "root").mkdir()
     os.chmod(base / "root", 0o770)
-    return base / "root", f"runtime directory {base / 'root'} is not ours to trust: it is a directory owned by {ME}, mode 0770"
+    return base / "root", (f"runtime directory {base / 'root'} is not ours to trust: it is a directory owned by "
+                           f"{ME}, mode 0770")
 
 
 def _symlinked_instance_dir(base: Path, other, instance: str) -> tuple[Path, str]:
@@ -325,7 +324,8 @@ def test_a_fake_coordinator_of_another_user_is_refused(other_user, instance, run
             time.sleep(0.02)
         control = d / runtime.CONTROL_SOCKET
         os.rename(stage / "s", control)  # what a hijacked directory would hold
-        runtime.write_info(d, runtime.RuntimeInfo(instance, "fake", fake.pid, 1, runtime.endpoint(d, runtime.CONTROL_SOCKET),
+        runtime.write_info(d, runtime.RuntimeInfo(instance, "fake", fake.pid, 1,
+                                                  runtime.endpoint(d, runtime.CONTROL_SOCKET),
                                                   runtime.endpoint(d, runtime.EVENTS_SOCKET), time.time()))
         with pytest.raises(ForeignError) as refused:
             Client(instance=instance, runtime_dir=runtime_dir, timeout_s=2)
@@ -368,9 +368,7 @@ def test_runtime_paths_too_long_for_a_socket_are_refused(instance, runtime_dir):
     with pytest.raises(ConfigError) as refused:
         Client(instance=instance, runtime_dir=too_long, timeout_s=2)
     assert str(refused.value) == message
-    from ..procs import CoordinatorProcess  # the longest path that fits works, worker socket included
-
-    coordinator = CoordinatorProcess(instance, fits).start()
+    coordinator = CoordinatorProcess(instance, fits).start()  # the longest path that fits works, worker socket too
     try:
         assert len(f"{fits}/{instance}/{runtime.LONGEST_SOCKET_NAME}") == 107
         with Client(instance=instance, runtime_dir=fits, timeout_s=5) as client:
