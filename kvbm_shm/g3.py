@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from . import ownership
 from .errors import CorruptionError
 
 FORMAT_VERSION = 1
@@ -190,7 +191,7 @@ class BlockFile:
         if len(namespace) > MAX_NAMESPACE_BYTES:
             raise ValueError(f"namespace description is {len(namespace)} bytes, at most {MAX_NAMESPACE_BYTES}")
         tmp = path.with_name(path.name + ".new")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             header = np.zeros((), FILE_HEADER_DTYPE)
             header["format_version"] = FORMAT_VERSION
@@ -218,9 +219,11 @@ class BlockFile:
 
     @classmethod
     def open(cls, path: Path) -> "BlockFile":
-        """Open an existing file; CorruptionError when its header is not a valid G3 header."""
-        fd = os.open(path, os.O_RDWR)
+        """Open an existing file; ForeignError when it is not ours (another user's, a link, not 0600),
+        CorruptionError when its header is not a valid G3 header."""
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
+            ownership.check_file(path, os.fstat(fd))
             raw = os.pread(fd, FILE_HEADER_BYTES, 0)
             if len(raw) < FILE_HEADER_DTYPE.itemsize:
                 raise CorruptionError(f"{path}: too short for a G3 file header")

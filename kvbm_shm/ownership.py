@@ -5,9 +5,9 @@ A process trusts only what its own uid made and nobody else can change. Each che
 - `check_file(path, st)`: a shm segment or runtime file, from `fstat` of the opened descriptor
   (opened with O_NOFOLLOW): a regular file (never a link, FIFO or device) owned by our uid with
   no group or other permission bits (0600).
-- `check_dir(path)`: a runtime root or instance directory, from `lstat`: a real directory (not a
-  symbolic link) owned by our uid and writable by nobody else.
-- `check_ancestors(path)`: every directory above a runtime root (symbolic links resolved) is owned
+- `check_dir(path, what)`: a runtime root or instance directory, or a disk tier directory, from
+  `lstat`: a real directory (not a symbolic link) owned by our uid and writable by nobody else.
+- `check_ancestors(path, what)`: every directory above one of those (symbolic links resolved) is owned
   by root or by us and is writable by nobody else unless it is sticky (like /tmp), so nobody else
   can rename the root away and put their own in its place.
 - `describe(st)`: "a directory owned by uid 1001 (alice), mode 0777", for messages.
@@ -52,19 +52,22 @@ def check_file(path: str | os.PathLike, st: os.stat_result) -> None:
                            f"owned by {_me()} with mode 0600")
 
 
-def check_dir(path: str | os.PathLike) -> os.stat_result:
+RUNTIME_ADVICE = "choose another runtime directory: --runtime-dir, KVBM_RUNTIME_DIR or $XDG_RUNTIME_DIR"
+
+
+def check_dir(path: str | os.PathLike, what: str = "runtime directory",
+              advice: str = RUNTIME_ADVICE) -> os.stat_result:
     """A real directory of our uid that nobody else can write (lstat); FileNotFoundError if missing."""
     st = os.lstat(path)
     if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid()
             or stat.S_IMODE(st.st_mode) & (stat.S_IWGRP | stat.S_IWOTH)):
-        raise ForeignError(f"runtime directory {path} is not ours to trust: it is {describe(st)}; it must be "
+        raise ForeignError(f"{what} {path} is not ours to trust: it is {describe(st)}; it must be "
                            f"a directory (not a symbolic link) owned by {_me()} that no one else can write "
-                           "(remove it, or choose another runtime directory: --runtime-dir, KVBM_RUNTIME_DIR or "
-                           "$XDG_RUNTIME_DIR)")
+                           f"(remove it, or {advice})")
     return st
 
 
-def check_ancestors(path: str | os.PathLike) -> None:
+def check_ancestors(path: str | os.PathLike, what: str = "runtime directory") -> None:
     """Every directory above `path` is root's or ours and not open to others unless sticky."""
     me = os.getuid()
     real = Path(os.path.realpath(Path(path).parent))

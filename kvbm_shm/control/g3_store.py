@@ -27,9 +27,9 @@ from pathlib import Path
 
 import msgspec
 
-from .. import g3
+from .. import g3, ownership
 from ..config import ServiceConfig, default_disk_dir
-from ..errors import ConfigError, CorruptionError, KvbmError
+from ..errors import ConfigError, CorruptionError, ForeignError, KvbmError
 from ..layout import Namespace
 from .g3_index import G3Index
 
@@ -41,7 +41,9 @@ _OLD_WORKERS_WAIT_S = 10.0
 
 
 def open_disk_dir(config: ServiceConfig) -> Path:
-    """`<disk_dir>/<instance>`, created 0700. ConfigError when disk_dir is missing or unwritable."""
+    """`<disk_dir>/<instance>`, created 0700. ConfigError when disk_dir is missing or unwritable, and
+    ForeignError when that directory is not ours alone (another user's, a link, writable by others,
+    or under a directory another user could replace it in): nobody else may put block files there."""
     base = Path(config.disk_dir)
     if not base.is_dir():
         if base.exists() or base != default_disk_dir():
@@ -58,6 +60,9 @@ def open_disk_dir(config: ServiceConfig) -> Path:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"disk_dir {base} is not writable (uid {os.getuid()}): {e.strerror}") from e
+    advice = "point --disk-dir (KVBM_DISK_DIR) at a directory of your own"
+    ownership.check_ancestors(path, "disk directory")
+    ownership.check_dir(path, "disk directory", advice)
     return path
 
 
@@ -139,6 +144,9 @@ class G3Store:
                 if f.fingerprint != fp or ns.fingerprint != fp:
                     f.close()
                     raise CorruptionError("its header names another namespace")
+            except ForeignError as e:  # not ours: never read, never removed
+                log.warning("leaving %s alone: %s", path, e)
+                continue
             except (KvbmError, OSError, msgspec.MsgspecError) as e:
                 log.warning("removing unusable G3 file %s: %s", path, e)
                 path.unlink(missing_ok=True)
@@ -180,6 +188,9 @@ class G3Store:
                         self._config.disk_cache_gb)
             return None
         path = self.dir / g3.file_name(ns.fingerprint)
+        if path.is_symlink() or path.exists():  # only a file we could not open (foreign) is left there
+            log.warning("no G3 for %s: %s is there and not ours; it is left alone", ns.model, path)
+            return None
         try:
             f, allocated = g3.BlockFile.create(path, fingerprint=ns.fingerprint, namespace=msgspec.msgpack.encode(ns),
                                                block_bytes=ns.kv.block_bytes, num_slots=want)

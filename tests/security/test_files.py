@@ -145,6 +145,43 @@ def test_a_planted_pool_is_left_alone_and_never_served(other_user, coordinator_f
         os.unlink(path)
 
 
+def test_a_g3_file_that_is_not_ours_is_never_read_nor_removed(other_user, coordinator_factory, instance, runtime_dir,
+                                                               tmp_path):
+    disk = ("--disk-cache-gb", "0.01", "--disk-dir", str(tmp_path), "--disk-write-through")
+    kv, hashes = engine.make_kv(7), engine.prompt_hashes(NUM_BLOCKS)
+    first = coordinator_factory(*disk)
+    with engine.connect(instance, runtime_dir) as client:
+        pool = client.register_layout(engine.namespace(kv))
+        assert client.store(pool.bind(kv), hashes, list(range(NUM_BLOCKS))).stored == NUM_BLOCKS
+        deadline = time.monotonic() + 20
+        while sum(d.stored for d in client.stats().disks) < NUM_BLOCKS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sum(d.stored for d in client.stats().disks) == NUM_BLOCKS
+    first.stop()
+    (path,) = (tmp_path / instance).glob("g3-*.blocks")
+    image = path.read_bytes()
+    os.chown(path, other_user.uid, other_user.gid)  # as if another user had left it there: valid, but not ours
+    second = coordinator_factory(*disk)
+    assert f"leaving {path} alone: " in second.log() and f"owned by uid {other_user.uid}" in second.log()
+    with engine.connect(instance, runtime_dir) as client:
+        pool = client.register_layout(engine.namespace(kv))
+        assert client.lookup(pool, hashes) == []  # nothing comes from the file
+        assert client.stats().disks == []  # and no G3 file replaces it
+    second.stop()
+    assert owner_of(path) == (other_user.uid, 0o600) and path.read_bytes() == image
+    path.unlink()
+
+
+def test_a_disk_directory_that_is_not_ours_is_refused(other_user, instance, runtime_dir, tmp_path):
+    theirs = tmp_path / instance
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, other_user.uid, other_user.gid)
+    done = serve_cli("--instance", instance, "--runtime-dir", str(runtime_dir), "--disk-cache-gb", "0.01",
+                     "--disk-dir", str(tmp_path))
+    assert_refused(done, f"disk directory {theirs} is not ours to trust: it is a directory owned by uid "
+                         f"{other_user.uid} ({other_user.name}), mode 0700")
+
+
 def test_a_foreign_file_at_the_next_pool_name_does_not_block_pools(other_user, coordinator, instance,
                                                                    runtime_dir):
     kv = engine.make_kv(3)
