@@ -18,6 +18,8 @@ Primitives:
   mark it down. A refused request (`KvbmError`) is logged and gives `None`. So a caller never
   waits longer than one deadline (`ClientConfig.timeout_s`) in total for a dead service, nor
   longer than `MAX_TIMEOUTS_IN_A_ROW` deadlines for a hung one, and not at all afterwards.
+- A runtime directory, segment or coordinator that is not ours to trust (`ForeignError`) keeps the
+  link down and is logged as an error at every try (at most every `max_retry_s`), not hidden.
 - `on_connect` raising `ValueError` (the engine's tensors do not fit the namespace) disables the
   link for good: it is logged once and every `call` gives `None`.
 - `close()`: stops the thread and closes the client (its lease ends, pins drop).
@@ -34,7 +36,7 @@ from typing import Any, Callable, TypeVar
 
 from ..client import Client
 from ..config import ClientConfig
-from ..errors import CoordinatorUnavailable, ErrorCode, KvbmError
+from ..errors import CoordinatorUnavailable, ErrorCode, ForeignError, KvbmError
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,9 @@ class ServiceLink:
             # on_connect's first request is the probe; a lost lease (restarted coordinator)
             # makes the client say hello again and re-register its pools there.
             self._state = self._on_connect(self._client)
+        except ForeignError as e:
+            log.error("kvbm-shm service refused, not trusted: %s", e)
+            return False
         except KvbmError as e:
             log.debug("kvbm-shm service not reachable yet: %s", e)
             return False
