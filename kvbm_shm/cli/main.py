@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import __version__
 from ..errors import KvbmError
+from ..protocol import PROTOCOL_VERSION
 from . import events, gc, inspect, ls, serve, top
 
 SUBCOMMANDS = (serve, ls, inspect, top, events, gc)
@@ -13,6 +15,7 @@ SUBCOMMANDS = (serve, ls, inspect, top, events, gc)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvbm-shm", description="Node-local KV-cache block manager.")
+    parser.add_argument("--version", action="version", version=f"kvbm-shm {__version__} (protocol {PROTOCOL_VERSION})")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         module.add_parser(sub)

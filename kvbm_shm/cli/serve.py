@@ -15,34 +15,47 @@ import time
 from ..config import ServiceConfig
 
 
+# One flag per `ServiceConfig` field, generated from this table, so flags and options cannot drift.
+HELP = {
+    "instance": "instance name (default: default)",
+    "runtime_dir": "root of the runtime directories (sockets, runtime file)",
+    "cpu_cache_gb": "G2 shared-memory budget in GiB (default 2)",
+    "lease_ms": "client lease in ms (default 5000)",
+    "max_leases": "open client leases in all (default 4096)",
+    "max_leases_per_process": "open leases of one client process (default 64)",
+    "max_pools": "pools (namespaces) of the instance (default 64)",
+    "log_level": "DEBUG, INFO, WARNING or ERROR (default INFO)",
+    "max_frame_bytes": "largest request in bytes (default 64 MiB)",
+    "disk_cache_gb": "G3 disk budget in GiB (default 0: off)",
+    "disk_dir": "G3 directory (default ~/.cache/kvbm-shm)",
+    "metrics_port": "Prometheus metrics port (default 0: off)",
+    "metrics_host": "address the metrics port binds (default 127.0.0.1; 0.0.0.0: all)",
+    "max_connections": "control connections at once (default 0: the open-file limit minus a reserve)",
+    "transfer_workers": "G1<->G2 transfer worker processes (default 1)",
+    "disk_io_workers": "NVMe I/O worker processes (default 2)",
+    "disk_io_threads": "blocks in flight per I/O worker (default 4)",
+    "disk_write_through": "write every stored block to disk at once (default: write-back with admission)",
+    "disk_admit_uses": "recent uses before write-back takes a block to disk (default 2; 1: all)",
+    "disk_low_watermark": "write back when free and clean blocks fall under this share of a pool (default 0.25)",
+}
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="run the coordinator")
     p.add_argument("--config", help="TOML file (keys as below, optionally under [kvbm])")
-    p.add_argument("--instance", help="instance name (default: default)")
-    p.add_argument("--cpu-cache-gb", type=float, help="G2 shared-memory budget in GiB (default 2)")
-    p.add_argument("--runtime-dir", help="root of the runtime directories (sockets, runtime file)")
-    p.add_argument("--lease-ms", type=int, help="client lease in ms (default 5000)")
-    p.add_argument("--disk-cache-gb", type=float, help="G3 disk budget in GiB (default 0: off)")
-    p.add_argument("--disk-dir", help="G3 directory (default ~/.cache/kvbm-shm)")
-    p.add_argument("--disk-io-workers", type=int, help="NVMe I/O worker processes (default 2)")
-    p.add_argument("--disk-write-through", action="store_true", default=None,
-                   help="write every stored block to disk at once (default: write-back with admission)")
-    p.add_argument("--metrics-port", type=int, help="Prometheus metrics port (default 0: off)")
-    p.add_argument("--metrics-host", help="address the metrics port binds (default 127.0.0.1; 0.0.0.0: all)")
-    p.add_argument("--max-connections", type=int,
-                   help="control connections at once (default 0: the open-file limit minus a reserve)")
-    p.add_argument("--transfer-workers", type=int, help="G1<->G2 transfer worker processes (default 1)")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    for name, field in ServiceConfig.__dataclass_fields__.items():
+        flag = "--" + name.replace("_", "-")
+        if field.type == "bool":
+            p.add_argument(flag, action="store_true", default=None, help=HELP[name])
+        else:  # ranges are checked, with the option's name, by ServiceConfig
+            p.add_argument(flag, type=float if field.type == "float" else None, help=HELP[name])
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..control.server import serve
 
-    overrides = {k: getattr(args, k) for k in ("instance", "cpu_cache_gb", "runtime_dir", "lease_ms",
-                                               "disk_cache_gb", "disk_dir", "metrics_port", "metrics_host", "log_level",
-                                               "transfer_workers", "disk_io_workers", "disk_write_through",
-                                               "max_connections")}
+    overrides = {name: getattr(args, name) for name in ServiceConfig.__dataclass_fields__}
     config = ServiceConfig.load(args.config, overrides=overrides)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
