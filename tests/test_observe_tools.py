@@ -247,7 +247,8 @@ def test_events_prints_the_stream(coordinator, instance, runtime_dir):
     try:
         assert "listening to ipc://" in proc.stderr.readline()
         with Client(instance=instance, runtime_dir=runtime_dir, name="w") as client:
-            contents = Contents.fill(client, num_blocks=64, stored=1)
+            # room for every chain stored before the deadline: an eviction would publish a "removed" batch
+            contents = Contents.fill(client, num_blocks=1024, stored=1)
             stored = {contents.hashes[0].hex()}
             chain = 0
             deadline = time.monotonic() + 15
