@@ -7,7 +7,7 @@
     kv = pool.bind(engine_tensors)                       # how this engine's tensors hold blocks
     client.store(kv, hashes, device_block_ids)           # allocate -> copy -> commit
     hits = client.lookup(pool, hashes)                   # longest cached prefix
-    client.load(kv, hashes, device_block_ids)            # pin -> verify -> copy -> release
+    client.load(kv, hashes, device_block_ids)            # lookup -> copy -> verify (no pins)
 
 Contract:
 - Every call has a deadline (`timeout_s`); replies are matched by request id, so a late reply
@@ -27,13 +27,15 @@ Contract:
   them); block data read-write.
 - `store` writes only blocks that are not cached yet, checksums each written block, and
   commits; if the copy fails, the blocks are freed, never registered.
-- `load` pins the hit prefix, copies it while summing the bytes (one pass), and releases the
-  pins. A block is loaded only if its record, read under the seqlock before the copy, is
-  Registered under the requested hash, the record is the same after the copy, and its bytes
+- `load` costs one round trip and holds no pins: it looks the prefix up, then copies it
+  optimistically while summing the bytes (one pass). A block is loaded only if its record, read
+  under the seqlock before the copy, is Registered under the requested hash, the record after the
+  copy is the same incarnation (its `alloc_seq`, state, hash and checksum unchanged), and its bytes
   match the record's checksum. The loaded prefix ends at the first block that fails: it is
-  reported in `LoadResult.failed` and reported to the coordinator (which drops it if its bytes
-  really are bad), and the device blocks from there on count as not loaded (the engine
-  recomputes them), whatever bytes they now hold.
+  reported in `LoadResult.failed`, and the device blocks from there on count as not loaded (the
+  engine recomputes them), whatever bytes they now hold. A block evicted or reused during the copy
+  is just a miss; one whose record held still but whose bytes do not match is also reported to
+  the coordinator (which drops it if its bytes really are bad). Eviction never waits for readers.
 - A pinned lookup or an allocation that times out is cancelled (`Cancel`, sent without waiting
   for its reply), so a slow coordinator does not leave pins or unfinished blocks behind.
 - Copies go through `kernels.cpu_copy` (host memory on both sides).
@@ -168,7 +170,7 @@ class StoreResult:
 class LoadResult:
     loaded: int  # the first `loaded` hashes are now in their device blocks
     tiers: list[int]  # where each loaded block was found
-    failed: list[int]  # positions whose bytes failed verification (invalidated, not copied)
+    failed: list[int]  # the position where the loaded prefix stopped short: failed verification, or evicted meanwhile
 
 
 @dataclasses.dataclass
@@ -278,27 +280,26 @@ class _Core:
         return StoreResult(len(g2), counts[p.ALREADY_STORED], counts[p.IN_FLIGHT], counts[p.NO_ROOM])
 
     def _load_step(self, kv: EngineKv, hashes: Sequence[bytes], device_block_ids: Sequence[int]) -> _Step:
+        """One round trip: an unpinned lookup, then an optimistic copy (see `_scatter`). Eviction
+        never waits for a reader; a block evicted or rewritten under the copy is a miss."""
         if len(hashes) != len(device_block_ids):
             raise ValueError(f"{len(hashes)} hashes but {len(device_block_ids)} device blocks")
         pool = kv.pool
         lease = self.lease
-        reply = yield from self._lookup_step(pool, hashes, pin=True)
+        reply = yield from self._lookup_step(pool, hashes, pin=False)
         ids, tiers = reply.block_ids, reply.tiers
         if not ids:
             return LoadResult(0, [], [])
-        try:
-            good = yield (lambda: _scatter(kv, device_block_ids[:len(ids)], ids, hashes[:len(ids)],
-                                           self.config.verify_checksums, self.config.copy_threads))
-        finally:
-            yield p.Release(req=0, lease=lease, pool_id=pool.pool_id, block_ids=ids)
-        failed = []
-        if good < len(ids):
-            failed = [good]
+        good, bad_bytes = yield (lambda: _scatter(kv, device_block_ids[:len(ids)], ids, hashes[:len(ids)],
+                                                  self.config.verify_checksums, self.config.copy_threads))
+        if good == len(ids):
+            return LoadResult(good, tiers, [])
+        if bad_bytes:  # the record held still and the bytes did not match it: tell the coordinator
             yield p.Invalidate(req=0, lease=lease, pool_id=pool.pool_id, block_ids=[ids[good]],
                                reason="failed verification on load")
             log.warning("block %d of pool %d failed verification: reported, loaded %d of %d",
                         ids[good], pool.pool_id, good, len(ids))
-        return LoadResult(good, tiers[:good], failed)
+        return LoadResult(good, tiers[:good], [good])
 
     def _hits_step(self, pool: Pool, hashes: Sequence[bytes], pin: bool) -> _Step:
         reply = yield from self._lookup_step(pool, hashes, pin)
@@ -344,35 +345,37 @@ def _gather(kv: EngineKv, device_ids: list[int], g2_ids: list[int], threads: int
 
 
 def _scatter(kv: EngineKv, device_ids: Sequence[int], g2_ids: list[int], hashes: Sequence[bytes], verify: bool,
-             threads: int) -> int:
-    """Copy G2 blocks into device blocks; returns the length of the prefix that is vouched for.
+             threads: int) -> tuple[int, bool]:
+    """Copy G2 blocks into device blocks, optimistically (no pins); returns the length of the prefix
+    that is vouched for, and whether the block after it failed on its bytes (rather than on its
+    record changing: evicted, or reused, during the copy).
 
-    Block i counts only if its record, read under the seqlock before the copy, is Registered
-    under `hashes[i]`, its record (state, hash, checksum) read again after the copy is unchanged,
-    and (with `verify`) the bytes copied match that checksum. Blocks after the first whose record
-    does not name its hash are not copied."""
+    Block i counts only if its record, read under the seqlock before the copy, is Registered under
+    `hashes[i]`; the record read again after the copy is the same incarnation (`alloc_seq`, state,
+    hash, checksum unchanged: a writer gets a block only after the coordinator has changed its
+    record, so no write can overlap the copy unseen); and (with `verify`) the bytes copied match
+    that checksum. Blocks after the first whose record does not name its hash are not copied."""
     seg = kv.pool.segment
     try:
         before = seg.read_records(g2_ids)
     except CorruptionError:
-        return 0
+        return 0, False
     named = (before["state"] == BlockState.REGISTERED) & (before["hash"] == np.frombuffer(b"".join(hashes), "V16"))
     n = _prefix(named)
     if not n:
-        return 0
+        return 0, False
     ids = g2_ids[:n]
     sums = cpu_copy.scatter(kv.chunks, list(device_ids[:n]), seg.block_addresses(ids), threads)
     try:
         after = seg.read_records(ids)
     except CorruptionError:
-        return 0
+        return 0, False
     before = before[:n]
-    same = ((after["state"] == before["state"]) & (after["hash"] == before["hash"])
-            & (after["checksum"] == before["checksum"]))
-    if verify:
-        same &= sums == before["checksum"]
-    return _prefix(same)
-
+    same = _prefix(np.logical_and.reduce([after[f] == before[f] for f in ("alloc_seq", "state", "hash", "checksum")]))
+    if not verify:
+        return same, False
+    good = _prefix(sums[:same] == before["checksum"][:same])
+    return good, good < same
 
 def _prefix(ok: np.ndarray) -> int:
     """Length of the leading run of True in `ok`."""

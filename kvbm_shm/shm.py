@@ -49,7 +49,7 @@ SHM_DIR = Path("/dev/shm")
 SEGMENT_PREFIX = "kvbm-"
 PAGE = 4096
 POOL_MAGIC = b"KVBMPOOL"
-POOL_FORMAT_VERSION = 1
+POOL_FORMAT_VERSION = 2
 HEADER_BYTES = 4096
 MAX_NAMESPACE_BYTES = 2048
 
@@ -74,7 +74,7 @@ RECORD_DTYPE = np.dtype([
     ("priority", "<i2"),
     ("state", "u1"),
     ("tier", "u1"),  # 2: bytes in this pool; 3: also on disk
-    ("pad", "V8"),
+    ("alloc_seq", "<u8"),  # bumped whenever the block is handed to a writer: one value, one incarnation
 ])
 assert RECORD_DTYPE.itemsize == 64
 

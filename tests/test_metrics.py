@@ -61,21 +61,22 @@ def test_metrics_scrape_and_counters_move(coordinator_factory, instance, runtime
         assert m("kvbm_request_seconds_count", op="commit") == 1
         requests = m("kvbm_requests_total")
 
-        assert client.load(contents.kv, contents.hashes[:4], [20, 21, 22, 23]).loaded == 4
+        assert client.load(contents.kv, contents.hashes[:4], [20, 21, 22, 23]).loaded == 4  # no pins: no window
+        client.release(contents.pool, client.lookup(contents.pool, contents.hashes[:4], pin=True))  # a pinned load
         assert len(client.lookup(contents.pool, contents.hashes)) == 8
         with pytest.raises(RequestError, match="holds no pin"):
             client.release(contents.pool, [0])
         m = Scrape(port)
-        assert m("kvbm_lookups_total", **POOL) == 2
-        assert m("kvbm_lookup_blocks_total", **POOL) == 4 + 12
-        assert m("kvbm_hit_blocks_total", **POOL, tier="g2") == 4 + 8
-        assert m("kvbm_hit_tokens_total", **POOL, tier="g2") == (4 + 8) * PAGE
+        assert m("kvbm_lookups_total", **POOL) == 3
+        assert m("kvbm_lookup_blocks_total", **POOL) == 4 + 4 + 12
+        assert m("kvbm_hit_blocks_total", **POOL, tier="g2") == 4 + 4 + 8
+        assert m("kvbm_hit_tokens_total", **POOL, tier="g2") == (4 + 4 + 8) * PAGE
         assert m("kvbm_transfer_bytes_total", **LOAD) == 4 * BLOCK_BYTES
         assert m("kvbm_transfer_seconds_count", **LOAD) == 1
         assert m("kvbm_transfer_bytes_total", **STORE) == 8 * BLOCK_BYTES
         assert m("kvbm_errors_total", code="not_pinned") == 1
-        assert m("kvbm_request_seconds_count", op="lookup") == 2
-        assert m("kvbm_requests_total") >= requests + 4  # lookup, release, lookup, bad release (+ heartbeats)
+        assert m("kvbm_request_seconds_count", op="lookup") == 3
+        assert m("kvbm_requests_total") >= requests + 5  # lookup, lookup, release, lookup, bad release
         assert m("kvbm_process_resident_memory_bytes") > 0
 
 

@@ -19,7 +19,8 @@ Cost:
 - Per request, on the loop thread, `observe_request(msg, reply, started)` adds to plain Python
   counters (no locks, no per-block work): the handling time per op, and the transfer windows the
   coordinator sees of byte moves done by its clients: a store from allocate to commit
-  (`g1_to_g2`) and a load from the pinning lookup to the release of the same blocks (`g2_to_g1`).
+  (`g1_to_g2`) and a pinned load from the pinning lookup to the release of the same blocks
+  (`g2_to_g1`). An engine's optimistic loads hold no pins and end unseen: they show as hits.
 - `observe_transfer(path, nbytes, seconds)` is for transfers that complete in the coordinator
   (the I/O and transfer workers of other tiers report their completions there).
 

@@ -183,6 +183,7 @@ class BlockPool:
         if new_ids:
             idx = np.asarray(new_ids)
             self._write(idx, state=BlockState.PARTIAL, owner=client_id, refcount=0, hits=0, checksum=0,
+                        alloc_seq=self.table["alloc_seq"][idx] + 1,
                         hash=np.frombuffer(b"".join(new_hashes), "V16"))
         return out
 

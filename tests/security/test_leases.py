@@ -517,8 +517,8 @@ def test_pinned_lookup_waiting_for_disk_is_cancelled(instance, runtime_dir):
             for pid in workers:
                 os.kill(pid, signal.SIGSTOP)
             try:
-                with pytest.raises(KvbmError) as e:
-                    impatient.load(pool.bind([np.zeros_like(t) for t in eng.kv]), HASHES[:4], [0, 1, 2, 3])
+                with pytest.raises(KvbmError) as e:  # loads pin nothing; a caller that pins says so
+                    impatient.lookup(pool, HASHES[:4], pin=True)
                 assert e.value.code == ErrorCode.TIMEOUT
             finally:
                 for pid in workers:
