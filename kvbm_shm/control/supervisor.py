@@ -154,7 +154,9 @@ class WorkerGroup:
     def _spawn(self, name: str) -> None:
         cmd = [sys.executable, "-m", self._module, "--endpoint", self.endpoint, "--name", name,
                "--coordinator-pid", str(os.getpid()), *self._args]
-        self._procs[name] = subprocess.Popen(cmd)
+        # a session of its own: Ctrl-C in the coordinator's terminal reaches the coordinator alone,
+        # which then stops its workers (a worker also exits when the coordinator is gone)
+        self._procs[name] = subprocess.Popen(cmd, start_new_session=True)
 
     def _dispatch(self) -> None:
         while self._queue and self._ready:
