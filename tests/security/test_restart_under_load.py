@@ -135,7 +135,9 @@ def flip(instance, runtime_dir, run_s: float) -> int:
         bound = pool.bind(kv)
         t_end = time.monotonic() + run_s
         while time.monotonic() < t_end:
-            stores += client.store(bound, a, [0]).stored + client.store(bound, b, [1]).stored
+            stores += client.store(bound, a, [0]).stored
+            time.sleep(0.002)  # A stays a moment, so readers find it (and are caught by B mid-copy)
+            stores += client.store(bound, b, [1]).stored
     return stores
 
 
