@@ -377,6 +377,7 @@ def _scatter(kv: EngineKv, device_ids: Sequence[int], g2_ids: list[int], hashes:
     good = _prefix(sums[:same] == before["checksum"][:same])
     return good, good < same
 
+
 def _prefix(ok: np.ndarray) -> int:
     """Length of the leading run of True in `ok`."""
     bad = np.flatnonzero(~ok)

@@ -41,6 +41,11 @@ def connect(instance: str, runtime_dir, name: str = "engine", **kw) -> Client:
     return Client(instance=instance, runtime_dir=runtime_dir, name=name, **{"timeout_s": 20.0, **kw})
 
 
+def stats_of(instance: str, runtime_dir) -> protocol.StatsReply:
+    with connect(instance, runtime_dir, "observer") as c:
+        return c.stats()
+
+
 def store_prefix(instance, runtime_dir, num_blocks: int, seed: int, device_ids: list[int]):
     """Engine A: stores `num_blocks` blocks; returns their bytes and the store result."""
     kv = make_kv(seed)

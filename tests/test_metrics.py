@@ -16,13 +16,8 @@ from kvbm_shm.errors import ConfigError, RequestError
 from kvbm_shm.shm import list_segments
 
 from .kv_contents import BLOCK_BYTES, PAGE, Contents
-from .procs import CoordinatorProcess
+from .procs import CoordinatorProcess, free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Scrape:

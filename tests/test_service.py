@@ -23,10 +23,6 @@ from . import engine
 from .procs import CoordinatorProcess, run_child, start_child
 
 
-def stats_of(instance, runtime_dir) -> p.StatsReply:
-    with engine.connect(instance, runtime_dir, "observer") as c:
-        return c.stats()
-
 
 def test_one_engine_stores_another_loads_identical_bytes(coordinator, instance, runtime_dir):
     stored, result = run_child(engine.store_prefix, instance, runtime_dir, 4, 7, [5, 9, 2, 30])
@@ -34,7 +30,7 @@ def test_one_engine_stores_another_loads_identical_bytes(coordinator, instance, 
     loaded, load = run_child(engine.load_prefix, instance, runtime_dir, 4, [0, 1, 2, 3])
     assert load.loaded == 4 and load.failed == [] and load.tiers == [p.Tier.CPU] * 4
     assert loaded == stored
-    s = stats_of(instance, runtime_dir)
+    s = engine.stats_of(instance, runtime_dir)
     pool = s.pools[0]
     assert (pool.registered, pool.pinned, pool.partial) == (4, 0, 0)
     assert pool.counters["stored_blocks"] == 4
@@ -45,7 +41,7 @@ def test_same_prefix_stored_twice_is_deduplicated(coordinator, instance, runtime
     _, second = run_child(engine.store_prefix, instance, runtime_dir, 3, 2, [3, 4, 5])
     assert (first.stored, first.present) == (3, 0)
     assert (second.stored, second.present) == (0, 3)
-    pool = stats_of(instance, runtime_dir).pools[0]
+    pool = engine.stats_of(instance, runtime_dir).pools[0]
     assert pool.registered == 3 and pool.counters["dedup_blocks"] == 3
     loaded, _ = run_child(engine.load_prefix, instance, runtime_dir, 3, [0, 1, 2])
     assert loaded == [engine.block_bytes(engine.make_kv(1), b) for b in (0, 1, 2)]
@@ -101,13 +97,13 @@ def test_killed_client_loses_pins_and_unfinished_blocks(coordinator, instance, r
     while not ready.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert ready.exists(), "child never became ready"
-    pool = stats_of(instance, runtime_dir).pools[0]
+    pool = engine.stats_of(instance, runtime_dir).pools[0]
     assert (pool.pinned, pool.partial) == (3, 2)
     os.kill(child.pid, signal.SIGKILL)
     child.kill()
     deadline = time.monotonic() + 5  # lease is 1 s; a dead pid is noticed sooner
     while time.monotonic() < deadline:
-        pool = stats_of(instance, runtime_dir).pools[0]
+        pool = engine.stats_of(instance, runtime_dir).pools[0]
         if (pool.pinned, pool.partial) == (0, 0):
             break
         time.sleep(0.05)
@@ -122,9 +118,9 @@ def test_silent_client_lease_expires(coordinator, instance, runtime_dir):
     s.connect(runtime.read_info(runtime_dir / instance).endpoint)
     s.send_multipart(p.encode(p.Hello(req=1, name="silent", pid=0)))
     hello = p.decode_reply(s.recv_multipart())
-    assert hello.client_id in [c.client_id for c in stats_of(instance, runtime_dir).clients]
+    assert hello.client_id in [c.client_id for c in engine.stats_of(instance, runtime_dir).clients]
     time.sleep(1.5)
-    assert "silent" not in [c.name for c in stats_of(instance, runtime_dir).clients]
+    assert "silent" not in [c.name for c in engine.stats_of(instance, runtime_dir).clients]
     s.send_multipart(p.encode(p.Heartbeat(req=2, lease=hello.lease)))
     reply = p.decode_reply(s.recv_multipart())
     assert isinstance(reply, p.ErrorReply) and reply.code == ErrorCode.UNKNOWN_LEASE
@@ -202,7 +198,7 @@ def test_bad_requests_are_typed_errors(coordinator, instance, runtime_dir):
                                     checksums=[0]))
         assert e.value.code == ErrorCode.NOT_OWNER
         other.close()
-        assert stats_of(instance, runtime_dir).pools[0].partial == 0  # goodbye freed it
+        assert engine.stats_of(instance, runtime_dir).pools[0].partial == 0  # goodbye freed it
 
 
 def test_budget_exhausted_is_a_typed_error(coordinator, instance, runtime_dir):

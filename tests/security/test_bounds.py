@@ -30,7 +30,7 @@ from kvbm_shm.control.metrics import MAX_HTTP_CONNECTIONS
 from kvbm_shm.errors import ErrorCode, ProtocolError
 
 from .. import engine
-from ..procs import CoordinatorProcess, start_child
+from ..procs import CoordinatorProcess, free_port, start_child, wait_for
 from ..test_disk_tier import DISK_GB, Engine, worker_pids
 
 FD_SOFT, FD_HARD = 1024, 4096
@@ -81,11 +81,6 @@ def raw_dealer(coordinator: CoordinatorProcess, ctx: zmq.Context) -> zmq.Socket:
     s.connect(runtime.read_info(coordinator.instance_dir).endpoint)
     return s
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def open_in_thread(connect, count: int, timeout_s: float) -> list[socket.socket]:
@@ -163,14 +158,6 @@ def test_raw_connection_flood_past_the_fd_limit(instance, runtime_dir):
         coordinator.remove_leftovers()
 
 
-def wait_until(holds, value, timeout_s: float):
-    """`value()` once `holds()` is true; AssertionError with the last value after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not holds():
-        assert time.monotonic() < deadline, f"still {value()} after {timeout_s} s"
-        time.sleep(0.1)
-    return value()
-
 
 def test_idle_tcp_connections_to_metrics_port(instance, runtime_dir):
     pytest.importorskip("prometheus_client")
@@ -189,10 +176,10 @@ def test_idle_tcp_connections_to_metrics_port(instance, runtime_dir):
             assert len(socks) > FD_HARD
             assert coordinator.proc.poll() is None, coordinator.log()
             # the metrics thread closes what it refuses as it accepts: on a busy machine it may lag a moment
-            fds = wait_until(lambda: open_fds(pid) < 200, lambda: open_fds(pid), 15)
+            fds = wait_for(lambda: (n := open_fds(pid)) < 200 and n, 15, "fewer than 200 open fds")
             # all but the served ones, and those still waiting in the listen backlog
-            s = wait_until(lambda: stats(coordinator).counters["refused_metrics_connections"]
-                           >= len(socks) - MAX_HTTP_CONNECTIONS - 128, lambda: stats(coordinator), 15)
+            s = wait_for(lambda: (st := stats(coordinator)).counters["refused_metrics_connections"]
+                         >= len(socks) - MAX_HTTP_CONNECTIONS - 128 and st, 15, "the refused connections counted")
             assert s.pid == pid
         finally:
             for sock in socks:

@@ -38,15 +38,11 @@ from kvbm_shm.shm import BlockState, PoolSegment, unlink
 from kvbm_shm.standin import StandInKv
 
 from .. import engine
-from ..procs import CoordinatorProcess, run_child
+from ..procs import CoordinatorProcess, run_child, wait_for
 from ..test_disk_tier import DISK_GB, HASHES, Engine, worker_pids
 
 HUGE_ID = 1099511627776
 
-
-def stats_of(instance, runtime_dir) -> p.StatsReply:
-    with engine.connect(instance, runtime_dir, "observer") as c:
-        return c.stats()
 
 
 class RawPeer:
@@ -358,7 +354,7 @@ def test_names_reasons_and_namespaces_are_bounded(coordinator, instance, runtime
         assert "at most 2048" in reply.message
     finally:
         peer.close()
-    assert stats_of(instance, runtime_dir).pools == []
+    assert engine.stats_of(instance, runtime_dir).pools == []
 
 
 def test_leases_per_process_and_in_all_are_bounded(coordinator_factory, instance, runtime_dir):
@@ -429,16 +425,6 @@ def test_bound_options_are_checked():
 
 # ---------------------------------------------------------------- case 14: timed-out pinned lookups
 
-
-def wait_for(condition, timeout_s: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} never held")
-        time.sleep(0.02)
 
 
 def test_pinned_lookup_of_a_stalled_coordinator_is_cancelled(coordinator_factory, instance, runtime_dir):
