@@ -4,8 +4,8 @@ The public API, re-exported lazily so that `import kvbm_shm` stays light (no tor
 no running service needed):
 
     Client, AsyncClient, Pool, EngineKv, StoreResult, LoadResult     (kvbm_shm.client)
-    DeviceKv, Transfer, TransferResult                              (kvbm_shm.device_client)
-    StandInKv                                                       (kvbm_shm.standin)
+    DeviceKv, Transfer, TransferResult                              (kvbm_shm.device.client)
+    StandInKv                                                       (kvbm_shm.device.standin)
     Namespace, KvLayout, EngineLayout, TensorSpec                   (kvbm_shm.layout)
     sequence_hashes, salt_for                                       (kvbm_shm.hashing)
     ServiceConfig, ClientConfig                                     (kvbm_shm.config)
@@ -21,8 +21,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Client": "client", "AsyncClient": "client", "Pool": "client", "EngineKv": "client",
     "StoreResult": "client", "LoadResult": "client",
-    "DeviceKv": "device_client", "Transfer": "device_client", "TransferResult": "device_client",
-    "StandInKv": "standin",
+    "DeviceKv": "device.client", "Transfer": "device.client", "TransferResult": "device.client",
+    "StandInKv": "device.standin",
     "Namespace": "layout", "KvLayout": "layout", "EngineLayout": "layout", "TensorSpec": "layout",
     "sequence_hashes": "hashing", "salt_for": "hashing",
     "ServiceConfig": "config", "ClientConfig": "config",

@@ -189,7 +189,7 @@ def test_nvrtc_and_its_status_need_no_driver():
 
 def test_requested_handle_types_are_read_as_a_raw_mask():
     cuda_driver_bindings = pytest.importorskip("cuda.bindings.driver")
-    from kvbm_shm.kernels.cuda_ipc import HANDLE_TYPE_FABRIC, HANDLE_TYPE_POSIX_FD, handle_types
+    from kvbm_shm.device.cuda_ipc import HANDLE_TYPE_FABRIC, HANDLE_TYPE_POSIX_FD, handle_types
 
     kinds = cuda_driver_bindings.CUmemAllocationHandleType
     assert (int(kinds.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR), int(kinds.CU_MEM_HANDLE_TYPE_FABRIC)) == (
@@ -216,7 +216,7 @@ def test_requested_handle_types_are_read_as_a_raw_mask():
     (0x2, "without a shareable handle type (requestedHandleTypes=0x2)"),
 ])
 def test_vmm_export_needs_the_posix_fd_bit(mask, problem):
-    from kvbm_shm.kernels.cuda_ipc import vmm_share_problem
+    from kvbm_shm.device.cuda_ipc import vmm_share_problem
 
     got = vmm_share_problem(mask)
     assert (got is None) if problem is None else (problem in got and "engine-driven mode" in got)

@@ -23,12 +23,12 @@ import torch
 
 from kvbm_shm import protocol as p
 from kvbm_shm.client import Client
-from kvbm_shm.device_client import DeviceKv
+from kvbm_shm.device.client import DeviceKv
 from kvbm_shm.errors import DeviceError, RequestError
 from kvbm_shm.kernels import cpu_copy
 from kvbm_shm.layout import EngineLayout, KvLayout, Namespace, TensorSpec
 from kvbm_shm.shm import BlockState, list_segments
-from kvbm_shm.standin import StandInKv, segment_prefix
+from kvbm_shm.device.standin import StandInKv, segment_prefix
 
 from .procs import run_child, start_child
 
@@ -233,7 +233,7 @@ def test_registration_is_checked(coordinator, runtime_dir):
         try:
             with pytest.raises(ValueError, match="does not match"):
                 DeviceKv.register(client, pool, kv.tensors, mode="worker")
-            from kvbm_shm.device_ipc import export_tensors
+            from kvbm_shm.device.ipc import export_tensors
 
             handles, _ = export_tensors(kv.tensors)
             with pytest.raises(RequestError, match="engine layout"):
@@ -295,7 +295,7 @@ def test_wait_times_out_while_a_worker_is_stopped_then_completes(coordinator, ru
 
 
 def _read_fds(name: str, token: bytes) -> list[bytes]:
-    from kvbm_shm.kernels.fd_passing import fetch_fds
+    from kvbm_shm.device.fd_passing import fetch_fds
 
     fds = fetch_fds(name, token)
     try:
@@ -306,7 +306,7 @@ def _read_fds(name: str, token: bytes) -> list[bytes]:
 
 
 def test_file_descriptors_pass_between_processes():
-    from kvbm_shm.kernels.fd_passing import FdServer, fetch_fds
+    from kvbm_shm.device.fd_passing import FdServer, fetch_fds
 
     server = FdServer.shared()
     fds = []
@@ -328,8 +328,8 @@ def test_cuda_paths_import_without_a_gpu():
     import subprocess
     import sys
 
-    code = ("import kvbm_shm, kvbm_shm.device_client, kvbm_shm.workers.transfer, kvbm_shm.kernels.cuda_copy, "
-            "kvbm_shm.kernels.cuda_ipc, kvbm_shm.kernels.host_register\n"
+    code = ("import kvbm_shm, kvbm_shm.device.client, kvbm_shm.workers.transfer, kvbm_shm.kernels.cuda_copy, "
+            "kvbm_shm.device.cuda_ipc, kvbm_shm.kernels.host_register\n"
             "from kvbm_shm.kernels import cuda_driver\n"
             "print(cuda_driver.gpu_available())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -9,7 +9,7 @@ import uuid
 import numpy as np
 import pytest
 
-from kvbm_shm import g3
+from kvbm_shm.disk import format as g3
 from kvbm_shm import protocol as p
 from kvbm_shm.kernels import cpu_copy
 from kvbm_shm.shm import PoolSegment, unlink

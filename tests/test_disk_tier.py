@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvbm_shm import Client, EngineLayout, KvLayout, Namespace, g3, protocol as p, sequence_hashes
+from kvbm_shm import Client, EngineLayout, KvLayout, Namespace, protocol as p, sequence_hashes
+from kvbm_shm.disk import format as g3
 from kvbm_shm.shm import PoolSegment, list_segments
 
 from .procs import CoordinatorProcess

@@ -12,11 +12,11 @@ import uuid
 import numpy as np
 import pytest
 
-from kvbm_shm import g3
+from kvbm_shm.disk import format as g3
 from kvbm_shm import protocol as p
 from kvbm_shm.config import ServiceConfig
 from kvbm_shm.control.disk_tier import WORKER_KIND, DiskTier
-from kvbm_shm.control.g3_index import SlotState
+from kvbm_shm.disk.index import SlotState
 from kvbm_shm.control.pool import BlockPool
 from kvbm_shm.errors import ErrorCode, KvbmError
 from kvbm_shm.kernels import cpu_copy

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from kvbm_shm import g3
-from kvbm_shm.control.admission import AdmissionFilter
-from kvbm_shm.control.g3_index import G3Index, SlotState
+from kvbm_shm.disk import format as g3
+from kvbm_shm.disk.admission import AdmissionFilter
+from kvbm_shm.disk.index import G3Index, SlotState
 from kvbm_shm.errors import CorruptionError
 
 FP = "ab" * 16

@@ -76,7 +76,7 @@ def _exporter(conn, kind: str, nbytes: int, offset: int) -> None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     import torch
 
-    from kvbm_shm.device_ipc import export_tensors
+    from kvbm_shm.device.ipc import export_tensors
 
     try:
         if kind == "vmm":
@@ -104,7 +104,7 @@ def _exporter(conn, kind: str, nbytes: int, offset: int) -> None:
 
 
 class _RawCudaTensor:
-    """A cuMemCreate range seen as a uint8 tensor (what device_ipc needs of a tensor)."""
+    """A cuMemCreate range seen as a uint8 tensor (what device.ipc needs of a tensor)."""
 
     def __init__(self, address: int, nbytes: int):
         self.address, self.shape, self.dtype = address, (nbytes,), "uint8"
@@ -155,7 +155,7 @@ def _vmm_tensor(nbytes: int, offset: int):
     ("expandable", 3 << 20, 0),
 ])
 def test_ipc_across_processes(kind, nbytes, offset):
-    from kvbm_shm.device_ipc import HandleCache
+    from kvbm_shm.device.ipc import HandleCache
 
     parent, child = _ctx.Pipe()
     proc = _ctx.Process(target=_exporter, args=(child, kind, nbytes, offset), daemon=True)
@@ -430,7 +430,7 @@ def _gpu_engine(instance: str, runtime_dir: str, offload: bool, expandable: bool
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     import torch
 
-    from kvbm_shm.device_client import DeviceKv
+    from kvbm_shm.device.client import DeviceKv
 
     from .test_device_tier import NB, connect, hashes, namespace
 

@@ -48,7 +48,8 @@ import benchlib  # noqa: F401  (puts the repo on sys.path)
 import numpy as np
 import zmq
 
-from kvbm_shm import Client, EngineLayout, KvLayout, Namespace, g3, protocol as p, runtime
+from kvbm_shm import Client, EngineLayout, KvLayout, Namespace, protocol as p, runtime
+from kvbm_shm.disk import format as g3
 from kvbm_shm.config import default_disk_dir
 from kvbm_shm.control.disk_tier import MAX_WINDOW
 from kvbm_shm.hashing import sequence_hashes

@@ -176,8 +176,8 @@ def bench_cpu(gib: float, repeats: int, e2e: bool) -> dict:
 def bench_cpu_e2e(ns: Namespace, n: int, repeats: int, limit_s: float, limit: dict) -> list[dict]:
     """The same transfer through a coordinator, worker-driven and engine-driven."""
     from kvbm_shm.client import Client
-    from kvbm_shm.device_client import DeviceKv
-    from kvbm_shm.standin import StandInKv
+    from kvbm_shm.device.client import DeviceKv
+    from kvbm_shm.device.standin import StandInKv
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from procs import CoordinatorProcess
@@ -308,7 +308,7 @@ def _import_child(conn) -> None:
     import msgspec
 
     from kvbm_shm import protocol as p
-    from kvbm_shm.device_ipc import HandleCache
+    from kvbm_shm.device.ipc import HandleCache
 
     cache = HandleCache()
     decoder = msgspec.msgpack.Decoder(p.TensorHandle)
@@ -325,7 +325,7 @@ def bench_import() -> dict:
     """Time for another process to import a legacy handle and a VMM (2 x 32 MiB pieces) handle."""
     import msgspec
 
-    from kvbm_shm.device_ipc import export_tensors
+    from kvbm_shm.device.ipc import export_tensors
 
     legacy = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
     vmm = _VmmRange(64 << 20)

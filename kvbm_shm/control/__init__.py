@@ -4,9 +4,8 @@
 - `leases`: client leases; what each client pins and is writing.
 - `devices`: the device tier (G1): registered engine tensors, offload/onboard transfers, waits.
 - `coordinator`: request handlers over pools and leases; no sockets, no threads of its own.
-- `disk_tier`: the disk tier (G3): write-back with admission, staging of G3 hits into G2;
-  `g3_store` owns the G3 directory (locks, files, budget), `g3_index` one file's slots (rebuilt
-  from their headers), `admission` the frequency filter.
+- `disk_tier`: the disk tier (G3): write-back with admission, staging of G3 hits into G2, over
+  the files and indexes of `kvbm_shm.disk`.
 - `supervisor`: worker processes of one kind (disk I/O, transfers): start, feed, restart.
 - `server`: the ZeroMQ loop, runtime directory, events and signals around a `Coordinator`.
 """

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from .. import protocol as p
-from .. import standin
-from ..device_ipc import TensorView
+from ..device import standin
+from ..device.ipc import TensorView
 from ..errors import CapacityError, ErrorCode, RequestError
 from ..hashing import HASH_BYTES
 from ..layout import Namespace

@@ -3,7 +3,7 @@ and keeping G2's `tier` flags true to what is on disk. Runs in the coordinator p
 loop thread; the bytes move in the NVMe I/O workers (`workers.disk_io`), reached through the
 "disk" `WorkerGroup`.
 
-Start (`DiskTier(config, workers, on_event)`): opens the instance's G3 directory (`g3_store`:
+Start (`DiskTier(config, workers, on_event)`): opens the instance's G3 directory (`disk.store`:
 a missing or unwritable --disk-dir fails here with `ConfigError`; files rebuilt from their slot
 headers and fitted into the budget).
 
@@ -54,14 +54,14 @@ from typing import Callable
 
 import numpy as np
 
-from .. import g3
+from ..disk import format as g3
 from .. import protocol as p
 from ..config import ServiceConfig
 from ..layout import Namespace
 from ..shm import BlockState
-from .admission import AdmissionFilter
-from .g3_index import G3Index, SlotState
-from .g3_store import G3Store
+from ..disk.admission import AdmissionFilter
+from ..disk.index import G3Index, SlotState
+from ..disk.store import G3Store
 from .pool import BlockPool
 from .supervisor import WorkerGroup
 

@@ -8,7 +8,5 @@ the addresses of the contiguous G2 blocks. `gather` copies device blocks into G2
   `_batch_copy.c`, a batched copy with non-temporal stores (built at install; optional).
 - `cuda_copy`: a GPU and page-locked host memory: an NVRTC gather/scatter kernel and a DMA path.
 - `cuda_driver`: cuda-python loaded on first use; devices by UUID; nothing at import time.
-- `cuda_ipc`: legacy CUDA IPC handles and VMM file descriptors (export and import).
-- `fd_passing`: file descriptors between processes over AF_UNIX (SCM_RIGHTS).
 - `host_register`: cuMemHostRegister of a process's own mapping of a G2 segment.
 """

@@ -31,7 +31,7 @@ import logging
 import mmap
 import os
 
-from .. import g3
+from ..disk import format as g3
 from .. import protocol as p
 from ..kernels import cpu_copy
 from ..shm import PoolSegment

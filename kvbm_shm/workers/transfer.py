@@ -12,7 +12,7 @@ one job at a time (`workers.base.serve_jobs`):
 - `CloseDevice`: drop this process's mappings of an unregistered device's tensors.
 
 A job that raises is answered `ok=False`; the coordinator then treats every block of the job as
-not moved. Caches, per process: each device's imported tensors (`device_ipc.HandleCache`: a
+not moved. Caches, per process: each device's imported tensors (`device.ipc.HandleCache`: a
 handle is opened once), each G2 segment mapped once (and page-locked with cuMemHostRegister
 when a GPU copies into it, unregistered before it is unmapped), one copy engine per GPU. Device
 tensors on a GPU use `kernels.cuda_copy`; stand-in (shm) tensors use `kernels.cpu_copy`.
@@ -24,7 +24,7 @@ import logging
 import os
 
 from .. import protocol as p
-from ..device_ipc import HandleCache, TensorView
+from ..device.ipc import HandleCache, TensorView
 from ..errors import DeviceError
 from ..kernels import cpu_copy
 from ..shm import PoolSegment

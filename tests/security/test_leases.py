@@ -30,12 +30,12 @@ import zmq
 
 from kvbm_shm import AsyncClient, Client, protocol as p, runtime
 from kvbm_shm.config import ClientConfig, ServiceConfig
-from kvbm_shm.device_ipc import export_tensors
+from kvbm_shm.device.ipc import export_tensors
 from kvbm_shm.errors import CapacityError, ConfigError, ErrorCode, KvbmError, RequestError
 from kvbm_shm.integrations.service_link import ServiceLink
 from kvbm_shm.kernels import cpu_copy
 from kvbm_shm.shm import BlockState, PoolSegment, unlink
-from kvbm_shm.standin import StandInKv
+from kvbm_shm.device.standin import StandInKv
 
 from .. import engine
 from ..procs import CoordinatorProcess, run_child, wait_for

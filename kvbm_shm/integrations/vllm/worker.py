@@ -32,7 +32,7 @@ import queue
 import threading
 
 from ...config import ClientConfig
-from ...device_client import DeviceKv
+from ...device.client import DeviceKv
 from ...errors import DeviceError, KvbmError
 from ...layout import EngineLayout, Namespace
 from ..service_link import ServiceLink

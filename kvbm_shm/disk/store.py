@@ -27,11 +27,12 @@ from pathlib import Path
 
 import msgspec
 
-from .. import g3, ownership
+from .. import ownership
 from ..config import ServiceConfig, default_disk_dir
 from ..errors import ConfigError, CorruptionError, ForeignError, KvbmError
 from ..layout import Namespace
-from .g3_index import G3Index
+from . import format as g3
+from .index import G3Index
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import protocol as p
+from .. import protocol as p
 from . import standin
-from .errors import DeviceError
-from .layout import dtype_name, itemsize
-from .shm import Segment
+from ..errors import DeviceError
+from ..layout import dtype_name, itemsize
+from ..shm import Segment
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Exports:
 
     def release(self) -> None:
         if self.fd_tokens:
-            from .kernels.fd_passing import FdServer
+            from .fd_passing import FdServer
 
             server = FdServer.shared()
             for token in self.fd_tokens:
@@ -95,12 +95,12 @@ def export_tensors(tensors: Sequence) -> tuple[list[p.TensorHandle], Exports]:
 
 def _export_memory(t, address: int, span: int, exports: Exports):
     if _is_cuda(t):
-        from .kernels import cuda_ipc
+        from . import cuda_ipc
 
         if cuda_ipc.memory_kind(address) == "legacy":
             e = cuda_ipc.export_legacy(address)
             return p.CudaIpcTensor(e.device_uuid, e.handle, e.alloc_bytes, e.offset)
-        from .kernels.fd_passing import FdServer
+        from .fd_passing import FdServer
 
         e = cuda_ipc.export_vmm(address, span)
         server = FdServer.shared()
@@ -188,12 +188,12 @@ def _open(mem) -> _Mapping:
         except FileNotFoundError:
             raise DeviceError(f"stand-in segment {mem.segment} is gone (its engine exited?)") from None
         return _Mapping(seg.address(), False, seg.close)
-    from .kernels import cuda_ipc
+    from . import cuda_ipc
 
     if isinstance(mem, p.CudaIpcTensor):
         base = cuda_ipc.open_legacy(mem.device_uuid, mem.handle)
         return _Mapping(base, True, lambda: cuda_ipc.close_legacy(base))
-    from .kernels.fd_passing import fetch_fds
+    from .fd_passing import fetch_fds
 
     fds = fetch_fds(mem.fd_socket, mem.token)
     mapping = cuda_ipc.open_vmm(mem.device_uuid, [(x.offset, x.size) for x in mem.pieces], fds)

@@ -31,7 +31,7 @@ import logging
 
 import numpy as np
 
-from .. import g3
+from . import format as g3
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """CUDA IPC of device memory: legacy handles (cudaMalloc memory) and VMM file descriptors.
 
-Engines export (`export_*`), transfer workers import (`open_*`); `device_ipc` turns the results
+Engines export (`export_*`), transfer workers import (`open_*`); `device.ipc` turns the results
 into protocol handles. Every function needs a GPU and raises `DeviceError` otherwise.
 
 - `memory_kind(address)`: "legacy" for cudaMalloc memory (PyTorch's default caching allocator),
@@ -9,7 +9,7 @@ into protocol handles. Every function needs a GPU and raises `DeviceError` other
 - `export_legacy(address)` -> `LegacyExport`: the legacy handle works only on an allocation's
   base, so the handle is of the base (cuMemGetAddressRange) and the tensor is `offset` bytes in.
   `open_legacy(uuid, handle)` -> base address in this process; `close_legacy(base)`.
-  A process opens each handle once (`device_ipc.HandleCache` keeps it).
+  A process opens each handle once (`device.ipc.HandleCache` keeps it).
 - `export_vmm(address, nbytes)` -> `VmmExport`: one POSIX file descriptor per physical
   allocation mapped under the tensor (expandable segments map many), with its place in the
   range. It needs allocations created with the POSIX fd handle type (alone or combined, e.g.
@@ -27,7 +27,7 @@ import dataclasses
 import os
 
 from ..errors import DeviceError
-from .cuda_driver import check, device_by_uuid, device_of, device_uuid, driver, use_device
+from ..kernels.cuda_driver import check, device_by_uuid, device_of, device_uuid, driver, use_device
 
 IPC_HANDLE_BYTES = 64
 

@@ -7,7 +7,7 @@
     kv.unregister()                              # then the tensors may be freed
 
 Modes, chosen per engine:
-- "worker": the tensors are exported (`device_ipc`: the CPU stand-in by shm name, CUDA tensors
+- "worker": the tensors are exported (`device.ipc`: the CPU stand-in by shm name, CUDA tensors
   by IPC handle or VMM fds) and registered with the coordinator; a transfer worker moves the
   bytes while the engine computes. Requests and waits go out on two sockets of this object
   (not the client's), so a thread blocked in `wait` holds up neither the client nor `offload`.
@@ -32,10 +32,10 @@ from typing import Sequence
 
 import zmq
 
-from . import protocol as p
-from .client import Client, EngineKv, Pool, check_allocation, check_hits
-from .device_ipc import Exports, export_tensors
-from .errors import CoordinatorUnavailable, DeviceError, ErrorCode, ProtocolError, error_from_code
+from .. import protocol as p
+from ..client import Client, EngineKv, Pool, check_allocation, check_hits
+from ..errors import CoordinatorUnavailable, DeviceError, ErrorCode, ProtocolError, error_from_code
+from .ipc import Exports, export_tensors
 
 MODES = ("worker", "engine")
 

@@ -25,9 +25,9 @@ import math
 import os
 from typing import Sequence
 
-from .errors import ForeignError
-from .runtime import pid_alive
-from .shm import PAGE, Segment, list_segments, round_up, unlink
+from ..errors import ForeignError
+from ..runtime import pid_alive
+from ..shm import PAGE, Segment, list_segments, round_up, unlink
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from . import ownership
-from .errors import CorruptionError
+from .. import ownership
+from ..errors import CorruptionError
 
 FORMAT_VERSION = 1
 PAGE = 4096
