@@ -1,0 +1,91 @@
+"""The contract of a tier: what the coordinator tells every tier, and what a tier may answer.
+
+Runs in the coordinator process, on its loop thread. G2 (the shm pools, `pool.BlockPool`) is the
+hub: every other tier (G1 device, G3 disk, G4 cluster, later object storage) moves bytes to or
+from G2 blocks, and sees a pool only through `PoolFace`: its lifecycle calls and read methods,
+never its table or registry. A tier is one module with a `Tier` subclass; the coordinator keeps
+its tiers in a list (in lookup order: disk before cluster) and calls every hook on each of them.
+Every hook has a no-op default, so a tier implements only what it needs. No hook may block: work
+that waits (disk I/O, a transfer, a network read) runs in a worker process or thread and comes
+back as a future.
+
+Hooks (each gets a batch; the coordinator has already checked ids, leases and ownership):
+
+- `attach(pool, namespace)`: a G2 pool exists (created, or recovered after a restart).
+- `on_allocated(pool, hashes)`: an Allocate asked for `hashes` (all of them, cached or not).
+- `on_committed(pool, block_ids)`: blocks became Registered in G2 (matchable).
+- `on_removed(pool, hashes)`: blocks left G2 (evicted or invalidated); the tier may still hold
+  copies of them.
+- `prepare_load(pool, hashes, g2_ids) -> Staging | None`: a lookup's G2 prefix (`g2_ids`, the
+  blocks of the first `len(g2_ids)` hashes) ended before its last hash. A tier that holds the
+  next hashes stages them into freshly allocated G2 blocks and returns a `Staging`; otherwise
+  None, cheaply (one dict lookup is the budget on this path). The coordinator asks its tiers in
+  order and takes the first Staging; when that Staging's prefix still ends early, the next tiers
+  are asked for the rest.
+- `end_lease(lease)`: a client's lease ended (goodbye, expiry, death): drop what it held here.
+- `handlers() -> {request type: handler}`: requests this tier answers itself (G1's RegisterDevice,
+  Offload, ...). A handler returns a reply or a `Deferred`, like the coordinator's own.
+- `sweep(now)`: periodic work (decay, planning, reaping), every loop tick that has time.
+- `stats() -> dict`: this tier's part of the Stats reply; `close()`: clean shutdown.
+
+A `Staging` is the promise of a verified prefix: `future` is done when every byte it waited for
+has arrived and been checked; `result()` is then `(block_ids, tiers)`, the G2 blocks of the
+verified prefix and the tier each came from (a block that failed verification ends the prefix;
+it is never served); `release()` drops the pins the staging held to keep its blocks from being
+evicted before the lookup's own pins are taken. The coordinator calls `release()` exactly once,
+after it has pinned (or not) what the lookup returns.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import TYPE_CHECKING, Callable, Protocol
+
+if TYPE_CHECKING:
+    from ..layout import Namespace
+    from .leases import Lease
+    from .pool import BlockPool as PoolFace
+
+
+class Staging(Protocol):
+    future: concurrent.futures.Future
+
+    def result(self) -> tuple[list[int], list[int]]: ...
+
+    def release(self) -> None: ...
+
+
+class Tier:
+    """Base class of a tier: every hook is a no-op. See the module docstring for the contract."""
+
+    name = ""  # "g1", "g3", "g4": the tier's key in stats and logs
+
+    def attach(self, pool: PoolFace, namespace: Namespace) -> None:
+        pass
+
+    def on_allocated(self, pool: PoolFace, hashes: list[bytes]) -> None:
+        pass
+
+    def on_committed(self, pool: PoolFace, block_ids: list[int]) -> None:
+        pass
+
+    def on_removed(self, pool: PoolFace, hashes: list[bytes]) -> None:
+        pass
+
+    def prepare_load(self, pool: PoolFace, hashes: list[bytes], g2_ids: list[int]) -> Staging | None:
+        return None
+
+    def end_lease(self, lease: Lease) -> None:
+        pass
+
+    def handlers(self) -> dict[type, Callable]:
+        return {}
+
+    def sweep(self, now: float) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
