@@ -11,12 +11,12 @@ flight), from shared-memory buffers. If the tier fell back to buffered I/O the b
 buffered figures held against an O_DIRECT limit mean nothing.
 
 Each round, on a fresh G3 file:
-1. the limit: the raw pattern writes N slots;
+1. the limit: the raw pattern writes N slots (`--limit-runs` times; the fastest pass counts);
 2. write-back: a coordinator (`kvbm-shm serve`, G2 and G3 large enough for N blocks, low
    watermark 1.0) and this process as the engine. The engine stores N blocks (untimed) and looks
    them up once, so that they pass admission; one Allocate then starts write-back, and the clock
    runs until the coordinator reports N blocks written (slot header + block in one pwritev);
-3. the limit: the raw pattern reads the N slots back;
+3. the limit: the raw pattern reads the N slots back (fastest of `--limit-runs` passes);
 4. staging: the coordinator is stopped (G2 goes, G3 stays) and started again (its G3 index is
    rebuilt from the slot headers: "restart_s"). One Lookup of the N hashes is timed: every block is
    read into G2 and verified (slot header, xxh3 of the bytes) before the reply. The engine then
@@ -51,7 +51,7 @@ import zmq
 from kvbm_shm import Client, EngineLayout, KvLayout, Namespace, protocol as p, runtime
 from kvbm_shm.disk import format as g3
 from kvbm_shm.config import default_disk_dir
-from kvbm_shm.control.disk_tier import MAX_WINDOW
+from kvbm_shm.control.disk_tier import _JOB_BYTES as JOB_BYTES, MAX_WINDOW
 from kvbm_shm.hashing import sequence_hashes
 from kvbm_shm.shm import PAGE, PoolSegment
 
@@ -67,18 +67,25 @@ def settle() -> None:
 
 def raw_io_seconds(path: Path, num_slots: int, block_bytes: int, processes: int, threads: int, write: bool) -> float:
     """Seconds to write (or read back) `num_slots` G3-shaped slots of `path` with O_DIRECT
-    `pwritev`/`preadv` of [header page, block]: the workers' pattern without the service, from the
-    same number of processes and threads per process (one process's threads serialise on its
-    address space: 8 threads in one process wrote at half the speed of 2 x 4 here), between the
-    file and shared-memory buffers like the G2 blocks the workers use."""
+    `pwritev`/`preadv` of [header page, block]: the workers' pattern without the service. Slots
+    go in jobs of contiguous slots of the tier's job size, dealt to the processes in turn, and
+    each process's threads take its slots in order, as the workers take a job's blocks; as many
+    processes and threads per process as the workers (one process's threads serialise on its
+    address space: 8 threads in one process wrote at half the speed of 2 x 4 here); between the
+    file and shared-memory buffers like the G2 blocks the workers use. (Dealing single slots to
+    the processes in turn instead, every request lands beside another process's: that pattern
+    measured ~1.5x slower than the tier on this VM's disk, a limit below what the tier does.)"""
     if write:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         os.posix_fallocate(fd, 0, g3.file_bytes(num_slots, block_bytes))
         os.close(fd)
     ctx = mp.get_context("fork")
     go = ctx.Barrier(processes + 1)
-    workers = [ctx.Process(target=_raw_io_worker, args=(path, list(range(i, num_slots, processes)), block_bytes,
-                                                          threads, write, go)) for i in range(processes)]
+    job_blocks = max(1, min(64, JOB_BYTES // g3.slot_bytes_for(block_bytes)))
+    jobs = [list(range(s, min(s + job_blocks, num_slots))) for s in range(0, num_slots, job_blocks)]
+    slots_of = [[slot for job in jobs[i::processes] for slot in job] for i in range(processes)]
+    workers = [ctx.Process(target=_raw_io_worker, args=(path, slots_of[i], block_bytes, threads, write, go))
+               for i in range(processes)]
     for w in workers:
         w.start()
     go.wait()  # every worker has opened the file and faulted its buffers in
@@ -89,6 +96,17 @@ def raw_io_seconds(path: Path, num_slots: int, block_bytes: int, processes: int,
     if any(w.exitcode for w in workers):
         raise SystemExit(f"a raw I/O process failed (O_DIRECT refused in {path.parent}?)")
     return seconds
+
+
+def best_raw_seconds(runs: int, *args, write: bool) -> float:
+    """The fastest of `runs` raw passes (each after `settle`): the limit is what the disk can do,
+    and on a shared VM one pass often catches it busy (two back-to-back passes here differ by up
+    to 1.7x)."""
+    best = float("inf")
+    for _ in range(runs):
+        settle()
+        best = min(best, raw_io_seconds(*args, write=write))
+    return best
 
 
 def _raw_io_worker(path: Path, slots: list[int], block_bytes: int, threads: int, write: bool, go) -> None:
@@ -186,8 +204,7 @@ def one_round(args: argparse.Namespace, engine: Engine, work: Path, run_dir: Pat
     n, block_bytes = len(engine.hashes), engine.namespace.kv.block_bytes
     total = n * block_bytes
     raw_file, shape = work / "raw.bin", (args.io_workers, args.io_threads)
-    settle()
-    raw_write_s = raw_io_seconds(raw_file, n, block_bytes, *shape, write=True)
+    raw_write_s = best_raw_seconds(args.limit_runs, raw_file, n, block_bytes, *shape, write=True)
 
     disk_bytes = g3.file_bytes(n, block_bytes) + 2 * PAGE
     serve_args = ["--cpu-cache-gb", repr(engine.pool_bytes / 2**30 + 0.01), "--disk-cache-gb",
@@ -217,8 +234,7 @@ def one_round(args: argparse.Namespace, engine: Engine, work: Path, run_dir: Pat
     finally:
         coordinator.stop()
 
-    settle()
-    raw_read_s = raw_io_seconds(raw_file, n, block_bytes, *shape, write=False)
+    raw_read_s = best_raw_seconds(args.limit_runs, raw_file, n, block_bytes, *shape, write=False)
     raw_file.unlink()
 
     t0 = time.perf_counter()
@@ -286,6 +302,7 @@ def main() -> int:
     parser.add_argument("--gib", type=float, default=1.0, help="GiB of blocks (default 1)")
     parser.add_argument("--block-kib", type=int, default=2048, help="block size in KiB (default 2048)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating raw/tier rounds; medians reported")
+    parser.add_argument("--limit-runs", type=int, default=3, help="raw passes per phase; the fastest is the limit")
     parser.add_argument("--io-workers", type=int, default=2)
     parser.add_argument("--io-threads", type=int, default=4)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
