@@ -114,9 +114,9 @@ def test_two_lookups_share_one_read(tier):
     a, b = first.result(), second.result()
     assert a == b and a[1] == [p.Tier.DISK] * 2
     staged = a[0]
-    assert [int(pool.table["refcount"][x]) for x in staged] == [2, 2]  # one pin per waiting lookup
+    assert [int(pool.segment.table["refcount"][x]) for x in staged] == [2, 2]  # one pin per waiting lookup
     assert all(np.array_equal(pool.segment.block(x), w) for x, w in zip(staged, want))
-    assert [int(pool.table["tier"][x]) for x in staged] == [p.Tier.DISK] * 2
+    assert [int(pool.segment.table["tier"][x]) for x in staged] == [p.Tier.DISK] * 2
     first.release()
     second.release()
     assert pool.stats()["pinned"] == 0 and pool.lookup([h(0), h(1)]) == staged
@@ -144,11 +144,11 @@ def test_g3_eviction_marks_the_g2_copy_dirty_again(tier):
     disk, pool, workers, events = tier(disk_slots=2, disk_write_through=True)
     ids = store(pool, disk, [h(0), h(1)])
     workers.run_all()
-    assert [int(pool.table["tier"][b]) for b in ids] == [p.Tier.DISK] * 2
+    assert [int(pool.segment.table["tier"][b]) for b in ids] == [p.Tier.DISK] * 2
     store(pool, disk, [h(2)], seed=1)  # G3 holds 2: h0, the least recently used, makes room
     workers.run_all()
-    assert int(pool.table["tier"][ids[0]]) == p.Tier.CPU  # evicting it from G2 would lose it now
-    assert int(pool.table["tier"][ids[1]]) == p.Tier.DISK
+    assert int(pool.segment.table["tier"][ids[0]]) == p.Tier.CPU  # evicting it from G2 would lose it now
+    assert int(pool.segment.table["tier"][ids[1]]) == p.Tier.DISK
     removed = [e for e in events if isinstance(e, p.BlockRemoved) and e.tier == p.Tier.DISK]
     assert [e.hashes for e in removed] == [[h(0)]]
 
@@ -165,10 +165,10 @@ def test_write_back_writes_what_eviction_takes_next_and_only_what_passes_admissi
     assert pool.allocate([h(4)], 1) == [p.ALREADY_STORED]  # an engine stores h4 again: its second use
     disk.allocated(pool, [h(4)])
     (job, _), = workers.jobs
-    assert job.hashes == [h(4)] and pool.table["refcount"][pool.registry[h(4)]] == 1  # pinned while written
+    assert job.hashes == [h(4)] and pool.segment.table["refcount"][pool.block_of(h(4))] == 1  # pinned while written
     workers.run_all()
-    b4 = pool.registry[h(4)]
-    assert int(pool.table["tier"][b4]) == p.Tier.DISK and pool.table["refcount"][b4] == 0
+    b4 = pool.block_of(h(4))
+    assert int(pool.segment.table["tier"][b4]) == p.Tier.DISK and pool.segment.table["refcount"][b4] == 0
     assert pool.eviction_order(1) == [b4]  # written back, it goes first: evicting it costs nothing
 
 
@@ -200,7 +200,7 @@ def test_a_full_disk_retires_slots_and_keeps_the_blocks_in_g2(tier):
     d = disk.stats()[0]
     assert (d.counters["written_blocks"], d.counters["no_space_blocks"], d.stored) == (2, 2, 2)
     assert [SlotState(int(s)) for s in index.state[:4]] == [SlotState.STORED] * 2 + [SlotState.RETIRED] * 2
-    assert [int(pool.table["tier"][b]) for b in ids] == [p.Tier.DISK] * 2 + [p.Tier.CPU] * 2  # still dirty
+    assert [int(pool.segment.table["tier"][b]) for b in ids] == [p.Tier.DISK] * 2 + [p.Tier.CPU] * 2  # still dirty
     assert pool.lookup([h(i) for i in range(4)]) == ids  # and still served from G2
     store(pool, disk, [h(9)], seed=3)  # the next write takes a slot the disk has room for
     workers.run_all()

@@ -319,7 +319,7 @@ class Coordinator:
         pool = self._pool(m.pool_id)
         self._check_ids(pool, m.block_ids)
         listed = [b for b in dict.fromkeys(m.block_ids) if pool.state_of(b) == BlockState.REGISTERED]
-        bad = [b for b in listed if cpu_copy.checksum(pool.segment.block(b)) != int(pool.table["checksum"][b])]
+        bad = [b for b in listed if cpu_copy.checksum(pool.segment.block(b)) != int(pool.checksum_of(b))]
         n = pool.invalidate(bad) if bad else 0
         if n:
             log.warning("client %d (%s) invalidated %d block(s) of pool %d whose bytes fail their checksum: %s",

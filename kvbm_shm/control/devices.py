@@ -230,7 +230,7 @@ class DeviceTier:
                      priority)
         self.transfers[t.transfer_id] = t
         device.in_flight.add(t.transfer_id)
-        checksums = [] if offload else [int(c) for c in pool.table["checksum"][g2_ids]]
+        checksums = [] if offload else pool.checksum_of(g2_ids).tolist()
         job = p.TransferJob(0, offload, device.spec, pool.segment.name, pool.segment.segment_id, device_ids, g2_ids,
                             checksums)
         future = self._group().submit(job)

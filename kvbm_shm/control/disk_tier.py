@@ -178,8 +178,9 @@ class DiskTier:
         if index is None:
             return
         self._by_pool[pool.pool_id] = _Attached(pool, index, np.full(pool.num_blocks, _NOT_REJECTED))
-        on_disk = [b for h, b in pool.registry.items() if h in index.entries]
-        pool.set_tier(list(pool.registry.values()), p.Tier.CPU)  # a recovered pool's flags may be stale
+        registered = pool.registered()
+        on_disk = [b for h, b in registered if h in index.entries]
+        pool.set_tier([b for _, b in registered], p.Tier.CPU)  # a recovered pool's flags may be stale
         pool.set_tier(on_disk, p.Tier.DISK)
         log.info("G3 for pool %d (%s): %s, %d slots, %d blocks on disk, %d of them also in G2", pool.pool_id,
                  namespace.model, index.path, index.num_slots, len(index.entries), len(on_disk))
@@ -191,7 +192,7 @@ class DiskTier:
         if attached is None:
             return
         for h in hashes:  # a cached hash stored again may pass admission now
-            b = pool.registry.get(h)
+            b = pool.block_of(h)
             if b is not None:
                 attached.rejected_at[b] = _NOT_REJECTED
         self._plan_writes(attached)
@@ -213,7 +214,7 @@ class DiskTier:
             return None
         prefix: list[tuple[str, bytes, object]] = []  # ("g2", h, block) | ("staging", h, (read, i)) | ("g3", h, slot)
         for h in hashes[len(g2_ids):]:
-            b = pool.registry.get(h)
+            b = pool.block_of(h)
             staged = self._staging.get((pool.pool_id, h)) if b is None else None
             slot = index.lookup(h) if b is None and staged is None else None
             if b is not None:
@@ -227,7 +228,7 @@ class DiskTier:
         fetch = Fetch(pool)
         fetch._pin(g2_ids + [b for where, _, b in prefix if where == "g2"])  # first: allocating must not evict them
         fetch._steps.extend((b, None, 0) for b in g2_ids)
-        staged = iter(pool.allocate([h for where, h, _ in prefix if where == "g3"], 0))  # one batch
+        staged = iter(pool.allocate_staging([h for where, h, _ in prefix if where == "g3"]))  # one batch
         read = _Read(pool, index)
         for where, h, what in prefix:
             if where == "g2":
@@ -294,7 +295,7 @@ class DiskTier:
                 if pinned:  # released below: the write pins what it takes, nothing runs in between
                     unpin.append(b)
                 if pool.hash_of(b) == h and pool.state_of(b) == BlockState.REGISTERED:
-                    if pool.table["tier"][b] == p.Tier.CPU:
+                    if pool.tier_of(b) == p.Tier.CPU:
                         picked.append(b)
                 else:  # evicted (unpinned), or invalidated
                     lost += 1
@@ -310,10 +311,10 @@ class DiskTier:
             order = np.asarray(pool.eviction_order(need), np.int64)
             if not len(order):
                 return
-            gen = pool.table["generation"][order]
-            fresh = (pool.table["tier"][order] == p.Tier.CPU) & (attached.rejected_at[order] != gen)
+            gen = pool.generation_of(order)
+            fresh = (pool.tier_of(order) == p.Tier.CPU) & (attached.rejected_at[order] != gen)
             on_disk = []
-            for b, n, g in zip(order[fresh].tolist(), pool.table["hits"][order[fresh]].tolist(), gen[fresh].tolist()):
+            for b, n, g in zip(order[fresh].tolist(), pool.hits_of(order[fresh]).tolist(), gen[fresh].tolist()):
                 h = pool.hash_of(b)
                 if index.lookup(h) is not None:  # stored again after an eviction, still on disk
                     on_disk.append(b)
@@ -332,7 +333,7 @@ class DiskTier:
             if index.lookup(h) is not None:  # stored before and still on disk: nothing to write
                 on_disk.append(b)
                 continue
-            got = index.reserve(h, int(pool.table["priority"][b]), evicted)
+            got = index.reserve(h, int(pool.priority_of(b)), evicted)
             if got is None:  # every slot busy: write-through blocks wait for the next round
                 if write_through:
                     self._queue_write_through(attached, picked[i:], front=True)
@@ -351,10 +352,10 @@ class DiskTier:
         for start in range(0, len(blocks), job_blocks):
             part = slice(start, start + job_blocks)
             job_ids, job_slots, job_hashes = blocks[part], slots[part], hashes[part]
-            g2_checksums = pool.table["checksum"][job_ids].tolist()
+            g2_checksums = pool.checksum_of(job_ids).tolist()
             job = p.DiskWrite(0, pool.segment.name, pool.segment.segment_id, index.path, index.fingerprint,
                               job_ids, job_slots, job_hashes, index.generation[job_slots].tolist(), g2_checksums,
-                              pool.table["priority"][job_ids].tolist())
+                              pool.priority_of(job_ids).tolist())
             fut = group.submit(job)
             fut.add_done_callback(lambda f, a=(attached, job_ids, job_slots, job_hashes, g2_checksums):
                                   self._write_done(*a, pinned_ns=None if write_through else pinned_ns, fut=f))
@@ -428,7 +429,7 @@ class DiskTier:
     def _evicted_from_g3(self, pool: BlockPool, index: G3Index, hashes: list[bytes]) -> None:
         if not hashes:
             return
-        still = [b for b in (pool.registry.get(h) for h in hashes) if b is not None]
+        still = [b for b in map(pool.block_of, hashes) if b is not None]
         pool.set_tier(still, p.Tier.CPU)
         self._on_event(p.BlockRemoved(pool.pool_id, pool.fingerprint, hashes, p.Tier.DISK))
 
@@ -457,14 +458,10 @@ class DiskTier:
     def _read_done(self, read: _Read) -> None:
         pool, index = read.pool, read.index
         read.ok = [i not in read.failed for i in range(len(read.blocks))]
-        by_priority: dict[int, list[int]] = collections.defaultdict(list)
-        for i, ok in enumerate(read.ok):
-            if ok:
-                by_priority[int(index.priority[read.slots[i]])].append(i)
-        for prio, positions in by_priority.items():
-            ids = [read.blocks[i] for i in positions]
-            pool.commit(ids, index.g2_checksum[[read.slots[i] for i in positions]].tolist(), prio)
-            pool.set_tier(ids, p.Tier.DISK)
+        good = [i for i, ok in enumerate(read.ok) if ok]
+        slots = [read.slots[i] for i in good]
+        pool.register_staged([read.blocks[i] for i in good], index.g2_checksum[slots].tolist(),
+                             index.priority[slots].tolist(), p.Tier.DISK)
         dropped = []
         for i, (b, slot, h) in enumerate(zip(read.blocks, read.slots, read.hashes)):
             del self._staging[(pool.pool_id, h)]

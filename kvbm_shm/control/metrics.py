@@ -280,10 +280,10 @@ class _Collector:
         for pool in pools:
             labels = [str(pool.pool_id), pool.model]
             seg = pool.segment
-            states = np.bincount(pool.table["state"], minlength=len(_STATES))
+            states = np.bincount(pool.segment.table["state"], minlength=len(_STATES))
             for state, name in _STATES.items():
                 blocks.add_metric([*labels, _POOL_TIER, name], int(states[state]))
-            pinned.add_metric([*labels, _POOL_TIER], int(np.count_nonzero(pool.table["refcount"])))
+            pinned.add_metric([*labels, _POOL_TIER], int(np.count_nonzero(pool.segment.table["refcount"])))
             block_bytes.add_metric(labels, seg.block_bytes)
             values = pool.counters()
             hits.add_metric([*labels, _POOL_TIER], values["hit_blocks"])
