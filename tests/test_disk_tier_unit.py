@@ -5,6 +5,7 @@ stepped through here: two lookups wanting the same block from disk, a read lost 
 G3 evicting a block that G2 still holds, a disk that fills up (simulated with a file size limit,
 so it runs without root; tests/test_disk_tier.py uses a real tiny tmpfs where it may mount one)."""
 
+import collections
 import concurrent.futures
 import resource
 import uuid
@@ -15,9 +16,10 @@ import pytest
 from kvbm_shm.disk import format as g3
 from kvbm_shm import protocol as p
 from kvbm_shm.config import ServiceConfig
-from kvbm_shm.control.disk_tier import WORKER_KIND, DiskTier
+from kvbm_shm.control.disk_tier import DiskTier
 from kvbm_shm.disk.index import SlotState
 from kvbm_shm.control.pool import BlockPool
+from kvbm_shm.control.tier import TierEvents
 from kvbm_shm.errors import ErrorCode, KvbmError
 from kvbm_shm.kernels import cpu_copy
 from kvbm_shm.layout import EngineLayout, KvLayout, Namespace, TensorSpec
@@ -74,7 +76,7 @@ def tier(tmp_path):
         events = []
         pool = BlockPool(0, seg, NS.model, events.append)
         workers = FakeWorkers()
-        disk = DiskTier(config, {WORKER_KIND: workers}, events.append)
+        disk = DiskTier(config, workers=lambda: workers, events=TierEvents(events.append, collections.Counter()))
         disk.attach(pool, NS)
         made.append((disk, seg))
         return disk, pool, workers, events
@@ -90,12 +92,12 @@ def tier(tmp_path):
 def store(pool: BlockPool, disk: DiskTier, hashes: list[bytes], seed: int = 0) -> list[int]:
     """What a client does: allocate, fill, commit with the G2 checksum."""
     ids = pool.allocate(hashes, 1)
-    disk.allocated(pool, hashes)
+    disk.on_allocated(pool, hashes)
     rng = np.random.default_rng(seed)
     for b in ids:
         pool.segment.block(b)[:] = rng.integers(0, 256, BLOCK, np.uint8)
     pool.commit(ids, [cpu_copy.checksum(pool.segment.block(b)) for b in ids], 0)
-    disk.committed(pool, ids)
+    disk.on_committed(pool, ids)
     return ids
 
 
@@ -103,10 +105,10 @@ def test_two_lookups_share_one_read(tier):
     disk, pool, workers, _ = tier(disk_write_through=True)
     ids = store(pool, disk, [h(0), h(1)])
     want = [pool.segment.block(b).copy() for b in ids]
-    assert workers.run_all() == 1 and disk.stats()[0].stored == 2
+    assert workers.run_all() == 1 and disk.stats()["disks"][0].stored == 2
     pool.invalidate(ids)  # gone from G2 (as if evicted): only G3 has them now
-    first = disk.fetch(pool, [h(0), h(1)], [])
-    second = disk.fetch(pool, [h(0), h(1)], [])
+    first = disk.prepare_load(pool, [h(0), h(1)], [])
+    second = disk.prepare_load(pool, [h(0), h(1)], [])
     assert len(workers.jobs) == 1  # the second lookup waits for the first one's read
     assert not first.future.done() and not second.future.done()
     workers.run_all()
@@ -114,9 +116,9 @@ def test_two_lookups_share_one_read(tier):
     a, b = first.result(), second.result()
     assert a == b and a[1] == [p.Tier.DISK] * 2
     staged = a[0]
-    assert [int(pool.table["refcount"][x]) for x in staged] == [2, 2]  # one pin per waiting lookup
+    assert [int(pool.segment.table["refcount"][x]) for x in staged] == [2, 2]  # one pin per waiting lookup
     assert all(np.array_equal(pool.segment.block(x), w) for x, w in zip(staged, want))
-    assert [int(pool.table["tier"][x]) for x in staged] == [p.Tier.DISK] * 2
+    assert [int(pool.segment.table["tier"][x]) for x in staged] == [p.Tier.DISK] * 2
     first.release()
     second.release()
     assert pool.stats()["pinned"] == 0 and pool.lookup([h(0), h(1)]) == staged
@@ -127,14 +129,14 @@ def test_a_read_lost_with_its_worker_keeps_the_block_on_disk(tier):
     ids = store(pool, disk, [h(0)])
     workers.run_all()
     pool.invalidate(ids)
-    fetch = disk.fetch(pool, [h(0)], [])
+    fetch = disk.prepare_load(pool, [h(0)], [])
     workers.lose_all()
     assert fetch.result() == ([], [])  # nothing served...
     fetch.release()
     assert pool.stats() == {"free": 8, "partial": 0, "registered": 0, "pinned": 0, "inactive": 0}
-    d = disk.stats()[0]
+    d = disk.stats()["disks"][0]
     assert d.stored == 1 and d.reading == 0 and "corrupt_blocks" not in d.counters  # ...and nothing dropped
-    again = disk.fetch(pool, [h(0)], [])
+    again = disk.prepare_load(pool, [h(0)], [])
     workers.run_all()
     assert again.result()[1] == [p.Tier.DISK]
     again.release()
@@ -144,11 +146,11 @@ def test_g3_eviction_marks_the_g2_copy_dirty_again(tier):
     disk, pool, workers, events = tier(disk_slots=2, disk_write_through=True)
     ids = store(pool, disk, [h(0), h(1)])
     workers.run_all()
-    assert [int(pool.table["tier"][b]) for b in ids] == [p.Tier.DISK] * 2
+    assert [int(pool.segment.table["tier"][b]) for b in ids] == [p.Tier.DISK] * 2
     store(pool, disk, [h(2)], seed=1)  # G3 holds 2: h0, the least recently used, makes room
     workers.run_all()
-    assert int(pool.table["tier"][ids[0]]) == p.Tier.CPU  # evicting it from G2 would lose it now
-    assert int(pool.table["tier"][ids[1]]) == p.Tier.DISK
+    assert int(pool.segment.table["tier"][ids[0]]) == p.Tier.CPU  # evicting it from G2 would lose it now
+    assert int(pool.segment.table["tier"][ids[1]]) == p.Tier.DISK
     removed = [e for e in events if isinstance(e, p.BlockRemoved) and e.tier == p.Tier.DISK]
     assert [e.hashes for e in removed] == [[h(0)]]
 
@@ -163,12 +165,12 @@ def test_write_back_writes_what_eviction_takes_next_and_only_what_passes_admissi
     store(pool, disk, [h(7)], seed=2)  # 0 free: the window is h2, h4 -> nothing worth writing
     assert not workers.jobs
     assert pool.allocate([h(4)], 1) == [p.ALREADY_STORED]  # an engine stores h4 again: its second use
-    disk.allocated(pool, [h(4)])
+    disk.on_allocated(pool, [h(4)])
     (job, _), = workers.jobs
-    assert job.hashes == [h(4)] and pool.table["refcount"][pool.registry[h(4)]] == 1  # pinned while written
+    assert job.hashes == [h(4)] and pool.segment.table["refcount"][pool.block_of(h(4))] == 1  # pinned while written
     workers.run_all()
-    b4 = pool.registry[h(4)]
-    assert int(pool.table["tier"][b4]) == p.Tier.DISK and pool.table["refcount"][b4] == 0
+    b4 = pool.block_of(h(4))
+    assert int(pool.segment.table["tier"][b4]) == p.Tier.DISK and pool.segment.table["refcount"][b4] == 0
     assert pool.eviction_order(1) == [b4]  # written back, it goes first: evicting it costs nothing
 
 
@@ -178,9 +180,9 @@ def test_a_block_whose_g2_bytes_rotted_is_not_written_and_is_invalidated(tier):
     pool.segment.block(b)[:] = 7
     pool.commit([b], [cpu_copy.checksum(pool.segment.block(b))], 0)
     pool.segment.block(b)[100] ^= 1  # a bit flips in G2 after the commit
-    disk.committed(pool, [b])
+    disk.on_committed(pool, [b])
     workers.run_all()
-    d = disk.stats()[0]
+    d = disk.stats()["disks"][0]
     assert d.stored == 0 and d.counters["bad_g2_blocks"] == 1
     assert pool.state_of(b) == BlockState.RESET and pool.lookup([h(0)]) == []
 
@@ -197,11 +199,11 @@ def test_a_full_disk_retires_slots_and_keeps_the_blocks_in_g2(tier):
         workers.run_all()
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-    d = disk.stats()[0]
+    d = disk.stats()["disks"][0]
     assert (d.counters["written_blocks"], d.counters["no_space_blocks"], d.stored) == (2, 2, 2)
     assert [SlotState(int(s)) for s in index.state[:4]] == [SlotState.STORED] * 2 + [SlotState.RETIRED] * 2
-    assert [int(pool.table["tier"][b]) for b in ids] == [p.Tier.DISK] * 2 + [p.Tier.CPU] * 2  # still dirty
+    assert [int(pool.segment.table["tier"][b]) for b in ids] == [p.Tier.DISK] * 2 + [p.Tier.CPU] * 2  # still dirty
     assert pool.lookup([h(i) for i in range(4)]) == ids  # and still served from G2
     store(pool, disk, [h(9)], seed=3)  # the next write takes a slot the disk has room for
     workers.run_all()
-    assert disk.stats()[0].stored == 3
+    assert disk.stats()["disks"][0].stored == 3

@@ -44,7 +44,7 @@ def store(pool, hashes, client=1, prio=0):
 def test_lifecycle_and_table(make_pool):
     pool, events = make_pool()
     ids = pool.allocate([h(1), h(2)], client_id=5)
-    t = pool.table
+    t = pool.segment.table
     assert [t["state"][b] for b in ids] == [BlockState.PARTIAL] * 2
     assert [int(t["owner"][b]) for b in ids] == [5, 5]
     assert pool.lookup([h(1)]) == []  # partial blocks are not matchable
@@ -79,7 +79,7 @@ def test_eviction_lowest_priority_then_lru(make_pool):
     pool.lookup([h(2)])  # h2 is now more recent than h3 and h4
     got = pool.allocate([h(10), h(11), h(12)], 1)
     assert all(b >= 0 for b in got)
-    assert set(pool.registry) == {h(1)}  # h3, h4 (LRU), then h2; the high-priority block stays
+    assert {hh for hh, _ in pool.registered()} == {h(1)}  # h3, h4 (LRU), then h2; the high-priority block stays
     removed = [hh for e in events if isinstance(e, p.BlockRemoved) for hh in e.hashes]
     assert removed == [h(3), h(4), h(2)]
 
@@ -92,7 +92,7 @@ def test_pins_survive_pressure_and_no_room(make_pool):
     pool.unpin([ids[0]])
     assert pool.allocate([h(3)], 1) == [ids[0]]
     assert pool.lookup([h(2)]) == [ids[1]]
-    assert int(pool.table["refcount"][ids[1]]) == 1
+    assert int(pool.segment.table["refcount"][ids[1]]) == 1
 
 
 def test_invalidate_pinned_block_frees_on_last_unpin(make_pool):
@@ -104,7 +104,7 @@ def test_invalidate_pinned_block_frees_on_last_unpin(make_pool):
     assert pool.stats()["free"] == 1
     pool.unpin(ids)
     assert pool.stats()["free"] == 2
-    assert pool.table["state"][ids[0]] == BlockState.RESET
+    assert pool.segment.table["state"][ids[0]] == BlockState.RESET
 
 
 def test_free_returns_partial_blocks(make_pool):
@@ -137,6 +137,6 @@ def test_eviction_order_and_unpin_cold_for_background_copies(make_pool):
     pool.unpin_cold(ids[:2], pinned_ns)
     assert pool.eviction_order(10) == [ids[0], ids[2], ids[3], ids[1]]  # h1 back in front, h2 most recent
     pool.set_tier([ids[0]], p.Tier.DISK)
-    assert int(pool.table["tier"][ids[0]]) == p.Tier.DISK and pool.hash_of(ids[0]) == h(1)
+    assert int(pool.segment.table["tier"][ids[0]]) == p.Tier.DISK and pool.hash_of(ids[0]) == h(1)
     assert pool.allocate([h(9)], 1) == [ids[0]]
     assert pool.num_free == 0

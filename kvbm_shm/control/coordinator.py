@@ -17,20 +17,24 @@ most `shm.MAX_NAMESPACE_BYTES`.
 `sweep()` ends leases that expired or whose process died, dropping their pins and freeing their
 unfinished blocks. `take_events()` hands over the KV events produced since the last call.
 `recover()` adopts the pools a dead coordinator of the same instance left in /dev/shm.
-`open_disk_tier()` turns on G3 (`disk_tier`): then a Lookup that continues on disk is a
-`Deferred` answered once the blocks are staged into G2 and verified.
+
+Tiers (`tier`): the coordinator keeps a list of `Tier`s and calls each hook on every one of them;
+it never asks which tiers exist. G1 (`devices.DeviceTier`) is always there (its requests need
+transfer workers); `open_disk_tier()` adds G3 (`disk_tier.DiskTier`), `add_tier` any other. A
+Lookup whose G2 prefix ends early asks the tiers in order to stage the rest (`prepare_load`):
+then it is a `Deferred` answered once the blocks are in G2 and verified; when a staging's prefix
+still ends early, the tiers after it are asked for the rest.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
+import functools
 import logging
 import os
 import time
 import uuid
 from collections import Counter
-from typing import Callable
 
 import msgspec
 
@@ -41,22 +45,15 @@ from ..kernels import cpu_copy
 from ..layout import Namespace
 from ..shm import (MAX_NAMESPACE_BYTES, BlockState, PoolSegment, free_pool_id, list_segments, pool_name, pool_prefix,
                    unlink)
+from . import devices, disk_tier
 from .devices import DeviceTier
-from .disk_tier import DiskTier, Fetch
+from .disk_tier import DiskTier
 from .leases import Held, Lease, LeaseTable
 from .pool import BlockPool
 from .supervisor import WorkerGroup
+from .tier import Deferred, Staging, Tier, TierEvents
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class Deferred:
-    """A reply that waits for `future`; `finish(future)` turns the finished future into the reply."""
-
-    req: int
-    future: concurrent.futures.Future
-    finish: Callable[[concurrent.futures.Future], p.Reply]
 
 
 class Coordinator:
@@ -71,11 +68,13 @@ class Coordinator:
         self.pools: dict[int, BlockPool] = {}
         self._pool_bytes: dict[int, int] = {}
         self._by_fingerprint: dict[str, int] = {}
+        self._namespaces: dict[int, Namespace] = {}
         self._creating: dict[str, concurrent.futures.Future] = {}
         self._reserved_bytes = 0
         self._events: list[p.Event] = []
         self.counters: Counter = Counter()
-        self.disk: DiskTier | None = None
+        self.events = TierEvents(self._emit, self.counters)  # what tiers report; metrics listens
+        self.tiers: list[Tier] = []
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvbm-pool-create")
         self._handlers = {
             p.Hello: self._hello, p.RegisterLayout: self._register_layout, p.Lookup: self._lookup,
@@ -83,8 +82,9 @@ class Coordinator:
             p.Free: self._free, p.Touch: self._touch, p.Invalidate: self._invalidate, p.Cancel: self._cancel,
             p.Heartbeat: self._heartbeat, p.Goodbye: self._goodbye, p.Stats: self._stats,
         }
-        self.devices = DeviceTier(self)
-        self._handlers.update(self.devices.handlers())
+        self.add_tier(DeviceTier(instance=config.instance, leases=self.leases, pool_of=self._pool, store=self,
+                                 workers=functools.partial(self.workers.get, devices.WORKER_KIND),
+                                 events=self.events))
 
     # ------------------------------------------------------------ entry points
 
@@ -95,7 +95,7 @@ class Coordinator:
         except KvbmError as e:
             return self.error_reply(msg.req, e)
 
-    def complete(self, deferred: Deferred) -> p.Reply:
+    def complete(self, deferred: Deferred) -> p.Reply | Deferred:
         try:
             return deferred.finish(deferred.future)
         except KvbmError as e:
@@ -106,7 +106,7 @@ class Coordinator:
 
     def error_reply(self, req: int, e: KvbmError) -> p.ErrorReply:
         self.counters[f"error_{e.code.name.lower()}"] += 1
-        return p.ErrorReply(req, int(e.code), e.message, e.retryable)
+        return p.ErrorReply(req=req, code=int(e.code), message=e.message, retryable=e.retryable)
 
     def sweep(self, now: float | None = None) -> list[Lease]:
         ended = self.leases.expired(now)
@@ -115,15 +115,38 @@ class Coordinator:
                      lease.client_id, lease.name, lease.pid, lease.num_pins(), lease.num_pending())
             self._end_lease(lease)
             self.counters["expired_leases"] += 1
-        self.devices.sweep(time.monotonic() if now is None else now)
-        if self.disk is not None:
-            self.disk.sweep(time.monotonic() if now is None else now)
+        now = time.monotonic() if now is None else now
+        for tier in self.tiers:
+            tier.sweep(now)
         return ended
 
+    def add_tier(self, tier: Tier) -> Tier:
+        """Add a tier (before `recover`, so that recovered pools are attached to it); its requests
+        are answered from now on. Tiers are asked for loads in the order they were added."""
+        self.tiers.append(tier)
+        self._handlers.update(tier.handlers())
+        for pool_id, pool in self.pools.items():
+            tier.attach(pool, self._namespaces[pool_id])
+        return tier
+
     def open_disk_tier(self) -> DiskTier:
-        """Turn on G3 (before `recover`, so that recovered pools get their files)."""
-        self.disk = DiskTier(self.config, self.workers, self._emit)
-        return self.disk
+        """Turn on G3."""
+        return self.add_tier(DiskTier(self.config, workers=functools.partial(self.workers.get, disk_tier.WORKER_KIND),
+                                      events=self.events))
+
+    def allocate(self, pool: BlockPool, hashes: list[bytes], client_id: int) -> list[int]:
+        """`pool.allocate` for a client's store; every tier hears of it (`Store`)."""
+        ids = pool.allocate(hashes, client_id)
+        for tier in self.tiers:
+            tier.on_allocated(pool, hashes)
+        return ids
+
+    def commit(self, pool: BlockPool, ids: list[int], checksums: list[int], priority: int) -> int:
+        """`pool.commit` for a client's store; every tier hears of it (`Store`)."""
+        n = pool.commit(ids, checksums, priority)
+        for tier in self.tiers:
+            tier.on_committed(pool, ids)
+        return n
 
     @property
     def used_bytes(self) -> int:
@@ -132,6 +155,11 @@ class Coordinator:
 
     def _emit(self, event: p.Event) -> None:
         self._events.append(event)
+        if type(event) is p.BlockRemoved and event.tier == p.Tier.CPU:
+            pool = self.pools.get(event.pool_id)
+            if pool is not None:
+                for tier in self.tiers:
+                    tier.on_removed(pool, event.hashes)
 
     def flush(self) -> None:
         """Write the pools' deferred bookkeeping into shm (see `BlockPool.flush`)."""
@@ -193,10 +221,10 @@ class Coordinator:
             name = pool.segment.name
             pool.segment.close()
             unlink(name)
-            self._emit(p.PoolCleared(pool.pool_id, pool.fingerprint))
+            self._emit(p.PoolCleared(pool_id=pool.pool_id, fingerprint=pool.fingerprint))
         self.pools.clear()
-        if self.disk is not None:
-            self.disk.close()
+        for tier in self.tiers:
+            tier.close()
 
     # ------------------------------------------------------------ handlers
 
@@ -228,51 +256,70 @@ class Coordinator:
                 raise CapacityError(f"this instance has {len(self.pools) + len(self._creating)} pools, the most "
                                     f"it keeps (max_pools): no pool for {m.namespace.model[:64]!r}", ErrorCode.CAPACITY)
             fut = self._start_pool(m.namespace, m.cache_bytes)
-        return Deferred(m.req, fut, lambda done: self._pool_created(m.req, m.namespace, done))
+        return Deferred(req=m.req, future=fut, finish=lambda done: self._pool_created(m.req, m.namespace, done))
 
     def _lookup(self, m: p.Lookup) -> p.Reply | Deferred:
         lease = self.leases.get(m.lease)
         pool = self._pool(m.pool_id)
         ids = pool.lookup(m.hashes)
-        if self.disk is not None and len(ids) < len(m.hashes):
-            fetch = self.disk.fetch(pool, m.hashes, ids)
-            if fetch is not None:
+        if len(ids) < len(m.hashes):
+            staged = self._stage(m, pool, ids, [p.Tier.CPU] * len(ids), 0, [])
+            if staged is not None:
                 if m.pin:
                     lease.deferred_pins.add(m.req)
-                return Deferred(m.req, fetch.future, lambda done: self._fetched(m, pool, fetch))
+                return staged
         if m.pin and ids:
             self._pin(pool, lease, m.req, ids)
         return p.LookupReply(req=m.req, block_ids=ids, tiers=[p.Tier.CPU] * len(ids))
 
-    def _fetched(self, m: p.Lookup, pool: BlockPool, fetch: Fetch) -> p.Reply:
-        """The Lookup's G3 reads are done: answer with the verified prefix (pinned, unless the
-        client cancelled the lookup meanwhile)."""
+    def _stage(self, m: p.Lookup, pool: BlockPool, ids: list[int], tiers: list[int], first: int,
+               held: list[Staging]) -> Deferred | None:
+        """Ask the tiers from `first` on to stage the rest of the lookup's prefix after `ids`."""
+        for i in range(first, len(self.tiers)):
+            staging = self.tiers[i].prepare_load(pool, m.hashes, ids)
+            if staging is not None:
+                held.append(staging)
+                return Deferred(req=m.req, future=staging.future,
+                                finish=lambda _: self._staged(m, pool, staging, tiers, i + 1, held))
+        return None
+
+    def _staged(self, m: p.Lookup, pool: BlockPool, staging: Staging, tiers: list[int], next_tier: int,
+                held: list[Staging]) -> p.Reply | Deferred:
+        """A staging is done: ask the next tiers for what it did not have, else answer with the
+        verified prefix (pinned, unless the client cancelled the lookup meanwhile), then release
+        every staging's pins."""
+        more = None
         try:
-            ids, tiers = fetch.result()
+            ids, got = staging.result()
+            tiers = tiers + got[len(tiers):]
+            if len(ids) < len(m.hashes):
+                more = self._stage(m, pool, ids, tiers, next_tier, held)
+                if more is not None:
+                    return more
             if m.pin:
                 lease = self.leases.get(m.lease)
                 lease.deferred_pins.discard(m.req)
                 if m.req in lease.cancelled:
                     lease.cancelled.discard(m.req)
-                    log.info("client %d (%s) cancelled lookup %d while it waited for disk: %d block(s) not pinned",
+                    log.info("client %d (%s) cancelled lookup %d while it waited for a tier: %d block(s) not pinned",
                              lease.client_id, lease.name, m.req, len(ids))
                     return p.LookupReply(req=m.req, block_ids=[], tiers=[])
                 if ids:
                     self._pin(pool, lease, m.req, ids)
             return p.LookupReply(req=m.req, block_ids=ids, tiers=tiers)
         finally:
-            fetch.release()
+            if more is None:
+                for done in held:
+                    done.release()
 
     def _allocate(self, m: p.Allocate) -> p.Reply:
         lease = self.leases.get(m.lease)
         pool = self._pool(m.pool_id)
-        ids = pool.allocate(m.hashes, lease.client_id)
+        ids = self.allocate(pool, m.hashes, lease.client_id)
         mine = [b for b in ids if b >= 0]
         if mine:
             lease.pending.setdefault(pool.pool_id, set()).update(mine)
-            lease.remember(m.req, Held(pool.pool_id, mine, pinned=False))
-        if self.disk is not None:
-            self.disk.allocated(pool, m.hashes)
+            lease.remember(m.req, Held(pool_id=pool.pool_id, block_ids=mine, pinned=False))
         return p.AllocateReply(req=m.req, block_ids=ids)
 
     def _commit(self, m: p.Commit) -> p.Reply:
@@ -281,11 +328,8 @@ class Coordinator:
         if len(m.checksums) != len(m.block_ids):
             raise RequestError(f"{len(m.block_ids)} blocks but {len(m.checksums)} checksums")
         self._check_pending(pool, lease, m.block_ids)
-        n = pool.commit(m.block_ids, m.checksums, m.priority)
         lease.pending[pool.pool_id].difference_update(m.block_ids)
-        if self.disk is not None:
-            self.disk.committed(pool, m.block_ids)
-        return p.OkReply(m.req, n)
+        return p.OkReply(req=m.req, count=self.commit(pool, m.block_ids, m.checksums, m.priority))
 
     def _release(self, m: p.Release) -> p.Reply:
         lease = self.leases.get(m.lease)
@@ -305,7 +349,7 @@ class Coordinator:
         self._check_pending(pool, lease, m.block_ids)
         pool.free(m.block_ids)
         lease.pending[pool.pool_id].difference_update(m.block_ids)
-        return p.OkReply(m.req, len(m.block_ids))
+        return p.OkReply(req=m.req, count=len(m.block_ids))
 
     def _touch(self, m: p.Touch) -> p.Reply:
         self.leases.get(m.lease)
@@ -319,7 +363,7 @@ class Coordinator:
         pool = self._pool(m.pool_id)
         self._check_ids(pool, m.block_ids)
         listed = [b for b in dict.fromkeys(m.block_ids) if pool.state_of(b) == BlockState.REGISTERED]
-        bad = [b for b in listed if cpu_copy.checksum(pool.segment.block(b)) != int(pool.table["checksum"][b])]
+        bad = [b for b in listed if cpu_copy.checksum(pool.segment.block(b)) != int(pool.checksum_of(b))]
         n = pool.invalidate(bad) if bad else 0
         if n:
             log.warning("client %d (%s) invalidated %d block(s) of pool %d whose bytes fail their checksum: %s",
@@ -375,9 +419,13 @@ class Coordinator:
         clients = [p.ClientInfo(client_id=lease.client_id, name=lease.name, pid=lease.pid, pins=lease.num_pins(),
                                 pending=lease.num_pending(), expires_in_ms=int((lease.expires_at - now) * 1000))
                    for lease in self.leases]
-        return p.StatsReply(m.req, self.config.instance, self.instance_id, os.getpid(), now - self.started,
-                            self.config.cpu_cache_bytes, self.used_bytes, pools, clients,
-                            dict(self.counters), self.disk.stats() if self.disk is not None else [])
+        tier_fields = {}
+        for tier in self.tiers:
+            tier_fields.update(tier.stats())
+        return p.StatsReply(req=m.req, instance=self.config.instance, instance_id=self.instance_id, pid=os.getpid(),
+                            uptime_s=now - self.started, cpu_cache_bytes=self.config.cpu_cache_bytes,
+                            cpu_used_bytes=self.used_bytes, pools=pools, clients=clients,
+                            counters=dict(self.counters), **tier_fields)
 
     # ------------------------------------------------------------ helpers
 
@@ -409,7 +457,7 @@ class Coordinator:
         """Pin `ids` under `lease` for its lookup `req` (which a Cancel may undo)."""
         pool.pin(ids, lease.client_id)
         lease.pins.setdefault(pool.pool_id, Counter()).update(ids)
-        lease.remember(req, Held(pool.pool_id, ids, pinned=True))
+        lease.remember(req, Held(pool_id=pool.pool_id, block_ids=ids, pinned=True))
 
     @staticmethod
     def _unpin(pool: BlockPool, lease: Lease, pins: Counter) -> int:
@@ -434,7 +482,8 @@ class Coordinator:
         lease.pins.clear()
         lease.pending.clear()
         lease.recent.clear()
-        self.devices.end_lease(lease)
+        for tier in self.tiers:
+            tier.end_lease(lease)
 
     def _start_pool(self, ns: Namespace, cache_bytes: int) -> concurrent.futures.Future:
         budget = self.config.cpu_cache_bytes
@@ -479,11 +528,12 @@ class Coordinator:
         self._pool_bytes[pool_id] = seg.segment.size
         self._reserved_bytes += seg.segment.size
         self._by_fingerprint[ns.fingerprint] = pool_id
-        if self.disk is not None:
-            self.disk.attach(pool, ns)
+        self._namespaces[pool_id] = ns
+        for tier in self.tiers:
+            tier.attach(pool, ns)
         return pool
 
     def _pool_reply(self, req: int, pool_id: int) -> p.PoolReply:
         pool = self.pools[pool_id]
-        return p.PoolReply(req, pool_id, pool.segment.name, pool.segment.segment_id, pool.num_blocks,
-                           pool.segment.block_bytes)
+        return p.PoolReply(req=req, pool_id=pool_id, segment=pool.segment.name, segment_id=pool.segment.segment_id,
+                           num_blocks=pool.num_blocks, block_bytes=pool.segment.block_bytes)

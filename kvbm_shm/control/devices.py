@@ -1,8 +1,14 @@
 """The device tier (G1) in the coordinator: registered engine tensors and the transfers that the
 transfer workers run for them. Runs on the coordinator's loop thread only; no blocking.
 
-The coordinator tracks an engine's device blocks (how many, which a transfer touches); it never
-allocates or maps engine memory. Contract of the requests (`protocol`, device tier section):
+A `tier.Tier`: it answers the device requests itself (`handlers`), and gets by keyword only what
+it uses: the `LeaseTable`, `pool_of`, the `Store` (an offload is a client's store: the other
+tiers hear of it as of an engine-driven one), the transfer `WorkerGroup` (a callable: None
+without transfer workers) and `TierEvents` (counters; each finished job as a transfer of its
+bytes on "g1_to_g2" or "g2_to_g1"). The coordinator tracks an engine's device blocks (how many,
+which a transfer touches); it never allocates or maps engine memory: a registration is checked
+against a `device.view.TensorView` at address 0. Contract of the requests (`protocol`, device
+tier section):
 
 - `RegisterDevice`: the tensors must match the pool's engine layout (checked by binding them at
   address 0) and a stand-in segment must belong to this instance. Needs transfer workers. A lease
@@ -31,25 +37,23 @@ import itertools
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
-
-import msgspec
+from typing import Callable
 
 from .. import protocol as p
 from ..device import standin
-from ..device.ipc import TensorView
+from ..device.view import TensorView
 from ..errors import CapacityError, ErrorCode, RequestError
 from ..hashing import HASH_BYTES
 from ..layout import Namespace
-from .leases import Lease
+from .leases import Lease, LeaseTable
 from .pool import BlockPool
-
-if TYPE_CHECKING:
-    from .coordinator import Coordinator, Deferred
+from .supervisor import WorkerGroup
+from .tier import Deferred, Store, Tier, TierEvents
 
 log = logging.getLogger(__name__)
 
 WORKER_KIND = "transfer"
+OFFLOAD_PATH, ONBOARD_PATH = "g1_to_g2", "g2_to_g1"  # transfer paths (metrics)
 MAX_DEVICES_PER_LEASE = 64
 _REAP_EVERY_S = 5.0
 
@@ -77,6 +81,7 @@ class Transfer:
     g2_ids: list[int]
     positions: list[int]  # each block's position in the request's batch
     priority: int = 0
+    started: float = 0.0  # time.perf_counter() at submission
     status: p.TransferStatus | None = None
     ended: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
 
@@ -107,9 +112,17 @@ class AllDone(concurrent.futures.Future):
         return super().done()
 
 
-class DeviceTier:
-    def __init__(self, coordinator: "Coordinator"):
-        self._c = coordinator
+class DeviceTier(Tier):
+    name = "g1"
+
+    def __init__(self, *, instance: str, leases: LeaseTable, pool_of: Callable[[int], BlockPool], store: Store,
+                 workers: Callable[[], WorkerGroup | None], events: TierEvents):
+        self._instance = instance
+        self._leases = leases
+        self._pool_of = pool_of
+        self._store = store
+        self._group = workers
+        self._events = events
         self.devices: dict[int, Device] = {}
         self.transfers: dict[int, Transfer] = {}
         self._device_ids = itertools.count(1)
@@ -121,7 +134,10 @@ class DeviceTier:
         return {p.RegisterDevice: self._register, p.UnregisterDevice: self._unregister, p.Offload: self._offload,
                 p.Onboard: self._onboard, p.WaitTransfers: self._wait}
 
-    # ------------------------------------------------------------ hooks of the coordinator
+    # ------------------------------------------------------------ hooks
+
+    def attach(self, pool: BlockPool, namespace: Namespace) -> None:
+        self._namespaces[pool.pool_id] = namespace
 
     def end_lease(self, lease: Lease) -> None:
         """The lease ended (goodbye, timeout or death): its devices close, its statuses go."""
@@ -142,12 +158,12 @@ class DeviceTier:
     # ------------------------------------------------------------ handlers
 
     def _register(self, m: p.RegisterDevice) -> p.Reply:
-        lease = self._c.leases.get(m.lease)
-        pool = self._c._pool(m.pool_id)
+        lease = self._leases.get(m.lease)
+        pool = self._pool_of(m.pool_id)
         if self._group() is None:
             raise RequestError("this coordinator runs no transfer workers (transfer_workers=0): "
                                "use engine-driven mode")
-        prefix = standin.segment_prefix(self._c.config.instance)
+        prefix = standin.segment_prefix(self._instance)
         for h in m.tensors:
             if isinstance(h.memory, p.ShmTensor) and not h.memory.segment.startswith(prefix):
                 raise RequestError(f"stand-in segment {h.memory.segment!r} is not of this instance ({prefix}*)")
@@ -155,35 +171,32 @@ class DeviceTier:
         if held >= MAX_DEVICES_PER_LEASE:
             raise CapacityError(f"client {lease.client_id} has {held} devices registered, the most a lease may",
                                 ErrorCode.CAPACITY)
-        ns = self._namespace(pool)
+        ns = self._namespaces[pool.pool_id]
         try:
             table = ns.engine_layout.bind([TensorView.of(h, 0) for h in m.tensors])
         except ValueError as e:
             raise RequestError(f"tensors do not match the pool's engine layout: {e}", ErrorCode.LAYOUT_MISMATCH) from e
         device_id = next(self._device_ids)
-        spec = p.DeviceSpec(device_id, ns.engine_layout, m.tensors)
-        self.devices[device_id] = Device(device_id, lease.client_id, pool.pool_id, spec, table.num_device_blocks)
+        spec = p.DeviceSpec(device_id=device_id, layout=ns.engine_layout, tensors=m.tensors)
+        self.devices[device_id] = Device(device_id=device_id, client_id=lease.client_id, pool_id=pool.pool_id,
+                                         spec=spec, num_device_blocks=table.num_device_blocks)
         kinds = sorted({type(h.memory).__name__ for h in m.tensors})
         log.info("client %d registered device %d: %d tensor(s) (%s), %d device blocks, pool %d", lease.client_id,
                  device_id, len(m.tensors), ", ".join(kinds), table.num_device_blocks, pool.pool_id)
         return p.DeviceReply(req=m.req, device_id=device_id, num_device_blocks=table.num_device_blocks)
 
-    def _unregister(self, m: p.UnregisterDevice) -> "Deferred":
-        from .coordinator import Deferred
-
-        lease = self._c.leases.get(m.lease)
+    def _unregister(self, m: p.UnregisterDevice) -> Deferred:
+        lease = self._leases.get(m.lease)
         device = self._device(m.device_id, lease, allow_closing=True)
         self._start_closing(device)
-        return Deferred(m.req, device.closed, lambda _: p.OkReply(req=m.req))
+        return Deferred(req=m.req, future=device.closed, finish=lambda _: p.OkReply(req=m.req))
 
     def _offload(self, m: p.Offload) -> p.Reply:
-        lease = self._c.leases.get(m.lease)
+        lease = self._leases.get(m.lease)
         device = self._device(m.device_id, lease)
         self._check_batch(device, m.hashes, m.device_block_ids)
-        pool = self._c.pools[device.pool_id]
-        ids = pool.allocate(m.hashes, lease.client_id)
-        if self._c.disk is not None:
-            self._c.disk.allocated(pool, m.hashes)
+        pool = self._pool_of(device.pool_id)
+        ids = self._store.allocate(pool, m.hashes, lease.client_id)
         positions = [i for i, b in enumerate(ids) if b >= 0]
         if not positions:
             return p.TransferReply(req=m.req, transfer_id=0, block_ids=ids)
@@ -192,10 +205,10 @@ class DeviceTier:
         return p.TransferReply(req=m.req, transfer_id=t.transfer_id, block_ids=ids)
 
     def _onboard(self, m: p.Onboard) -> p.Reply:
-        lease = self._c.leases.get(m.lease)
+        lease = self._leases.get(m.lease)
         device = self._device(m.device_id, lease)
         self._check_batch(device, m.hashes, m.device_block_ids)
-        pool = self._c.pools[device.pool_id]
+        pool = self._pool_of(device.pool_id)
         ids = pool.lookup(m.hashes)
         if not ids:
             return p.TransferReply(req=m.req, transfer_id=0, block_ids=[])
@@ -206,10 +219,8 @@ class DeviceTier:
         t = self._submit(device, pool, False, targets, ids, list(range(len(ids))))
         return p.TransferReply(req=m.req, transfer_id=t.transfer_id, block_ids=ids)
 
-    def _wait(self, m: p.WaitTransfers) -> p.Reply | "Deferred":
-        from .coordinator import Deferred
-
-        lease = self._c.leases.get(m.lease)
+    def _wait(self, m: p.WaitTransfers) -> p.Reply | Deferred:
+        lease = self._leases.get(m.lease)
         pending = []
         for tid in m.transfer_ids:
             t = self.transfers.get(tid)
@@ -219,23 +230,26 @@ class DeviceTier:
                 pending.append(t.ended)
         if not pending or m.timeout_ms <= 0:
             return self._report(m.req, m.transfer_ids)
-        waiting = AllDone(pending, time.monotonic() + m.timeout_ms / 1000)
-        return Deferred(m.req, waiting, lambda _: self._report(m.req, m.transfer_ids))
+        deadline = time.monotonic() + m.timeout_ms / 1000
+        return Deferred(req=m.req, future=AllDone(pending, deadline), deadline=deadline,
+                        finish=lambda _: self._report(m.req, m.transfer_ids))
 
     # ------------------------------------------------------------ transfers
 
     def _submit(self, device: Device, pool: BlockPool, offload: bool, device_ids: list[int], g2_ids: list[int],
                 positions: list[int], priority: int = 0) -> Transfer:
-        t = Transfer(next(self._transfer_ids), device.client_id, device.device_id, offload, pool, g2_ids, positions,
-                     priority)
+        t = Transfer(transfer_id=next(self._transfer_ids), client_id=device.client_id, device_id=device.device_id,
+                     offload=offload, pool=pool, g2_ids=g2_ids, positions=positions, priority=priority,
+                     started=time.perf_counter())
         self.transfers[t.transfer_id] = t
         device.in_flight.add(t.transfer_id)
-        checksums = [] if offload else [int(c) for c in pool.table["checksum"][g2_ids]]
-        job = p.TransferJob(0, offload, device.spec, pool.segment.name, pool.segment.segment_id, device_ids, g2_ids,
-                            checksums)
+        checksums = [] if offload else pool.checksum_of(g2_ids).tolist()
+        job = p.TransferJob(job_id=0, offload=offload, device=device.spec, pool_segment=pool.segment.name,
+                            segment_id=pool.segment.segment_id, device_block_ids=device_ids, g2_block_ids=g2_ids,
+                            checksums=checksums)
         future = self._group().submit(job)
         future.add_done_callback(lambda f: self._ended(t, f))
-        self._c.counters["transfers_offload" if offload else "transfers_onboard"] += 1
+        self._events.count("transfers_offload" if offload else "transfers_onboard")
         return t
 
     def _ended(self, t: Transfer, future: concurrent.futures.Future) -> None:
@@ -257,9 +271,7 @@ class DeviceTier:
                 t.pool.free(t.g2_ids)
                 failed_at = list(range(len(t.g2_ids)))
             else:
-                t.pool.commit(t.g2_ids, done.checksums, t.priority)
-                if self._c.disk is not None:
-                    self._c.disk.committed(t.pool, t.g2_ids)
+                self._store.commit(t.pool, t.g2_ids, done.checksums, t.priority)
         else:
             failed_at = list(range(len(t.g2_ids))) if error else list(done.failed)
             bad = [t.g2_ids[i] for i in failed_at] if not error else []
@@ -268,13 +280,16 @@ class DeviceTier:
             t.pool.unpin(t.g2_ids)
         failed = [t.positions[i] for i in failed_at]
         if failed:
-            self._c.counters["transfer_failed_blocks"] += len(failed)
+            self._events.count("transfer_failed_blocks", len(failed))
             log.warning("%s transfer %d of device %d: %d of %d block(s) not moved: %s",
                         "offload" if t.offload else "onboard", t.transfer_id, t.device_id, len(failed),
                         len(t.g2_ids), error or "checksum mismatch")
         nbytes = done.nbytes if done is not None else 0
-        self._c.counters["transfer_bytes"] += nbytes
-        t.status = p.TransferStatus(t.transfer_id, True, failed, error, nbytes)
+        self._events.count("transfer_bytes", nbytes)
+        if nbytes:
+            self._events.transferred(OFFLOAD_PATH if t.offload else ONBOARD_PATH, nbytes,
+                                     time.perf_counter() - t.started)
+        t.status = p.TransferStatus(transfer_id=t.transfer_id, done=True, failed=failed, error=error, nbytes=nbytes)
         if lost:
             self.transfers.pop(t.transfer_id, None)  # nobody is left to collect it
         if device is not None:
@@ -288,13 +303,13 @@ class DeviceTier:
         for tid in transfer_ids:
             t = self.transfers.get(tid)
             if t is None:  # a wait that ran alongside has reported it
-                out.append(p.TransferStatus(tid, True, error="reported to an earlier wait"))
+                out.append(p.TransferStatus(transfer_id=tid, done=True, error="reported to an earlier wait"))
             elif t.status is None:
-                out.append(p.TransferStatus(tid, False))
+                out.append(p.TransferStatus(transfer_id=tid, done=False))
             else:
                 out.append(t.status)
                 del self.transfers[tid]
-        return p.TransfersReply(req, out)
+        return p.TransfersReply(req=req, transfers=out)
 
     # ------------------------------------------------------------ devices
 
@@ -307,7 +322,7 @@ class DeviceTier:
 
     def _close(self, device: Device) -> None:
         group = self._group()
-        acks = group.broadcast(lambda: p.CloseDevice(0, device.device_id)) if group is not None else []
+        acks = group.broadcast(lambda: p.CloseDevice(job_id=0, device_id=device.device_id)) if group is not None else []
 
         def closed(_) -> None:
             self.devices.pop(device.device_id, None)
@@ -336,14 +351,5 @@ class DeviceTier:
             raise RequestError(f"device block ids {bad[:8]} out of range (device {device.device_id} has "
                                f"{device.num_device_blocks})", ErrorCode.UNKNOWN_BLOCK)
 
-    def _namespace(self, pool: BlockPool) -> Namespace:
-        ns = self._namespaces.get(pool.pool_id)
-        if ns is None:
-            ns = self._namespaces[pool.pool_id] = msgspec.msgpack.decode(pool.segment.namespace_bytes, type=Namespace)
-        return ns
-
-    def _group(self):
-        return self._c.workers.get(WORKER_KIND)
-
     def _reap(self) -> None:
-        standin.reap_dead(self._c.config.instance)
+        standin.reap_dead(self._instance)

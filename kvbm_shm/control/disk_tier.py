@@ -3,25 +3,30 @@ and keeping G2's `tier` flags true to what is on disk. Runs in the coordinator p
 loop thread; the bytes move in the NVMe I/O workers (`workers.disk_io`), reached through the
 "disk" `WorkerGroup`.
 
-Start (`DiskTier(config, workers, on_event)`): opens the instance's G3 directory (`disk.store`:
-a missing or unwritable --disk-dir fails here with `ConfigError`; files rebuilt from their slot
-headers and fitted into the budget).
+Start (`DiskTier(config, workers=..., events=...)`: the "disk" `WorkerGroup` as a callable, and
+the `tier.TierEvents` sink): opens the instance's G3 directory (`disk.store`: a missing or
+unwritable --disk-dir fails here with `ConfigError`; files rebuilt from their slot headers and
+fitted into the budget). It sees G2 pools through their face only (`pool`).
 
-Hooks, called by the coordinator:
+Hooks of `tier.Tier`, called by the coordinator:
 - `attach(pool, namespace)`: a G2 pool exists (created or recovered). Opens or creates the
   namespace's file (`budget // tp_size`, or what is left) and makes the pool's `tier` flags agree
   with what is on disk.
-- `allocated(pool, hashes)`: every Allocate: counts the uses for admission, plans write-back.
-- `committed(pool, ids)`: every Commit; with `disk_write_through` the blocks are written now.
-- `fetch(pool, hashes, g2_ids) -> Fetch | None`: a Lookup whose G2 prefix ended before its last
-  hash. None, at the cost of one dict lookup, unless the next block is on disk or being staged:
-  then the G2 prefix is pinned, G2 blocks are allocated for the G3 hits that continue it, and
-  read jobs are submitted. `Fetch.future` is done when every read is; `Fetch.result()` is the
-  verified prefix (block ids, tiers); `Fetch.release()` drops the fetch's own pins.
+- `on_allocated(pool, hashes)`: every client store: counts the uses for admission, plans write-back.
+- `on_committed(pool, ids)`: every client commit; with `disk_write_through` the blocks are written now.
+- `prepare_load(pool, hashes, g2_ids) -> Fetch | None`: a Lookup whose prefix ended before its
+  last hash. None, at the cost of one dict lookup, unless the next block is on disk or being
+  staged: then the prefix so far is pinned, G2 blocks are allocated for the G3 hits that continue
+  it (`allocate_staging`), and read jobs are submitted. `Fetch` is a `tier.Staging`: its `future`
+  is done when every read is; `result()` is the verified prefix (block ids, tiers); `release()`
+  drops the fetch's own pins.
 - `sweep(now)`: decays the admission filter and plans write-back; planning also runs after every
   finished job. Planning costs O(window) numpy work plus Python only for blocks not yet judged.
-- `stats()`, `close()`. G3 eviction itself (lowest priority, then least recently used) is
-  `G3Index.reserve`; a block it evicts that G2 still holds is marked dirty (tier 2) again.
+- `stats()` (`{"disks": [DiskStats, ...]}`), `close()`. G3 eviction itself (lowest priority class,
+  then least recently used) is `G3Index.reserve`; a block it evicts that G2 still holds is
+  marked dirty (tier 2) again.
+Every finished job is reported to `events` as a transfer ("g2_to_g3", "g3_to_g2") of the bytes it
+moved, and every block written or dropped as a KV event (tier 3).
 
 Write-back: when a pool's free blocks (plus those being written) fall under `disk_low_watermark`
 of its size (at most 1024 blocks), the blocks next in line for eviction that are not on disk and pass the admission filter are pinned and
@@ -64,10 +69,12 @@ from ..disk.index import G3Index, SlotState
 from ..disk.store import G3Store
 from .pool import BlockPool
 from .supervisor import WorkerGroup
+from .tier import Tier, TierEvents
 
 log = logging.getLogger(__name__)
 
 WORKER_KIND = "disk"
+WRITE_PATH, READ_PATH = "g2_to_g3", "g3_to_g2"  # transfer paths (metrics)
 WORKER_MODULE = "kvbm_shm.workers.disk_io"
 _JOB_BYTES = 32 << 20  # bytes per job: large enough to keep a worker's threads busy
 MAX_WINDOW = 1024  # blocks ahead of eviction that write-back looks at, at most
@@ -103,11 +110,12 @@ class _Read:
     failed: dict[int, int] = dataclasses.field(default_factory=dict)  # position -> errno (0: job lost)
     jobs_left: int = 0
     ok: list[bool] | None = None  # set when every job finished
+    started: float = 0.0  # time.perf_counter() when the jobs were submitted
     waiters: list["Fetch"] = dataclasses.field(default_factory=list)
 
 
 class Fetch:
-    """A lookup that waits for G3 reads. Created by `DiskTier.fetch`; see the module docstring."""
+    """A lookup that waits for G3 reads (a `tier.Staging`). Created by `DiskTier.prepare_load`."""
 
     def __init__(self, pool: BlockPool):
         self.pool = pool
@@ -154,12 +162,14 @@ class Fetch:
             self.future.set_result(None)
 
 
-class DiskTier:
-    def __init__(self, config: ServiceConfig, workers: dict[str, WorkerGroup], on_event: Callable[[p.Event], None]):
+class DiskTier(Tier):
+    name = "g3"
+
+    def __init__(self, config: ServiceConfig, *, workers: Callable[[], WorkerGroup | None], events: TierEvents):
         self.config = config
         self.store = G3Store(config)
-        self._workers = workers
-        self._on_event = on_event
+        self._group = workers
+        self._events = events
         self.admission = AdmissionFilter(config.disk_admit_uses)
         self._by_pool: dict[int, _Attached] = {}
         self._staging: dict[tuple[int, bytes], tuple[_Read, int]] = {}
@@ -177,35 +187,37 @@ class DiskTier:
         index = self.store.index_for(namespace, {a.index.fingerprint for a in self._by_pool.values()})
         if index is None:
             return
-        self._by_pool[pool.pool_id] = _Attached(pool, index, np.full(pool.num_blocks, _NOT_REJECTED))
-        on_disk = [b for h, b in pool.registry.items() if h in index.entries]
-        pool.set_tier(list(pool.registry.values()), p.Tier.CPU)  # a recovered pool's flags may be stale
+        self._by_pool[pool.pool_id] = _Attached(pool=pool, index=index,
+                                                rejected_at=np.full(pool.num_blocks, _NOT_REJECTED))
+        registered = pool.registered()
+        on_disk = [b for h, b in registered if h in index.entries]
+        pool.set_tier([b for _, b in registered], p.Tier.CPU)  # a recovered pool's flags may be stale
         pool.set_tier(on_disk, p.Tier.DISK)
         log.info("G3 for pool %d (%s): %s, %d slots, %d blocks on disk, %d of them also in G2", pool.pool_id,
                  namespace.model, index.path, index.num_slots, len(index.entries), len(on_disk))
 
-    def allocated(self, pool: BlockPool, hashes: list[bytes]) -> None:
+    def on_allocated(self, pool: BlockPool, hashes: list[bytes]) -> None:
         """After an Allocate: count the uses, then plan write-back (free blocks went down)."""
         self.admission.offered(hashes)
         attached = self._by_pool.get(pool.pool_id)
         if attached is None:
             return
         for h in hashes:  # a cached hash stored again may pass admission now
-            b = pool.registry.get(h)
+            b = pool.block_of(h)
             if b is not None:
                 attached.rejected_at[b] = _NOT_REJECTED
         self._plan_writes(attached)
 
-    def committed(self, pool: BlockPool, ids: list[int]) -> None:
+    def on_committed(self, pool: BlockPool, ids: list[int]) -> None:
         attached = self._by_pool.get(pool.pool_id)
         if attached is None or not self.config.disk_write_through:
             return
         self._queue_write_through(attached, [b for b in ids if pool.state_of(b) == BlockState.REGISTERED])
         self._plan_writes(attached)
 
-    def fetch(self, pool: BlockPool, hashes: list[bytes], g2_ids: list[int]) -> Fetch | None:
+    def prepare_load(self, pool: BlockPool, hashes: list[bytes], g2_ids: list[int]) -> Fetch | None:
         attached = self._by_pool.get(pool.pool_id)
-        if attached is None:
+        if attached is None or self._group() is None:
             return None
         index = attached.index
         first = hashes[len(g2_ids)]
@@ -213,7 +225,7 @@ class DiskTier:
             return None
         prefix: list[tuple[str, bytes, object]] = []  # ("g2", h, block) | ("staging", h, (read, i)) | ("g3", h, slot)
         for h in hashes[len(g2_ids):]:
-            b = pool.registry.get(h)
+            b = pool.block_of(h)
             staged = self._staging.get((pool.pool_id, h)) if b is None else None
             slot = index.lookup(h) if b is None and staged is None else None
             if b is not None:
@@ -227,8 +239,8 @@ class DiskTier:
         fetch = Fetch(pool)
         fetch._pin(g2_ids + [b for where, _, b in prefix if where == "g2"])  # first: allocating must not evict them
         fetch._steps.extend((b, None, 0) for b in g2_ids)
-        staged = iter(pool.allocate([h for where, h, _ in prefix if where == "g3"], 0))  # one batch
-        read = _Read(pool, index)
+        staged = iter(pool.allocate_staging([h for where, h, _ in prefix if where == "g3"]))  # one batch
+        read = _Read(pool=pool, index=index)
         for where, h, what in prefix:
             if where == "g2":
                 fetch._steps.append((what, None, 0))
@@ -261,11 +273,12 @@ class DiskTier:
         self.admission.decay(now)
         self.pump()
 
-    def stats(self) -> list[p.DiskStats]:
-        return [p.DiskStats(fp, index.path, index.num_slots, index.block_bytes, len(index.entries),
-                            index.count(SlotState.WRITING), index.count(SlotState.READING),
-                            index.num_free, dict(index.counters))
-                for fp, index in self.store.indexes.items()]
+    def stats(self) -> dict:
+        return {"disks": [
+            p.DiskStats(fingerprint=fp, path=index.path, num_slots=index.num_slots, block_bytes=index.block_bytes,
+                        stored=len(index.entries), writing=index.count(SlotState.WRITING),
+                        reading=index.count(SlotState.READING), free=index.num_free, counters=dict(index.counters))
+            for fp, index in self.store.indexes.items()]}
 
     def close(self) -> None:
         """Flush and close the files (the cache stays on disk for the next start)."""
@@ -275,11 +288,10 @@ class DiskTier:
     # ------------------------------------------------------------ write-back
 
     def _plan_writes(self, attached: _Attached) -> None:
-        group = self._workers.get(WORKER_KIND)
+        group = self._group()
         if self._closed or group is None:
             return
         pool, index = attached.pool, attached.index
-        pool.flush()  # admission reads the hit counts lookups have not written yet
         job_blocks = max(1, min(64, _JOB_BYTES // index.file.slot_bytes))
         room = 2 * job_blocks * max(group.alive(), 1) - self._writes_in_flight
         if room <= 0:
@@ -294,7 +306,7 @@ class DiskTier:
                 if pinned:  # released below: the write pins what it takes, nothing runs in between
                     unpin.append(b)
                 if pool.hash_of(b) == h and pool.state_of(b) == BlockState.REGISTERED:
-                    if pool.table["tier"][b] == p.Tier.CPU:
+                    if pool.tier_of(b) == p.Tier.CPU:
                         picked.append(b)
                 else:  # evicted (unpinned), or invalidated
                     lost += 1
@@ -310,10 +322,10 @@ class DiskTier:
             order = np.asarray(pool.eviction_order(need), np.int64)
             if not len(order):
                 return
-            gen = pool.table["generation"][order]
-            fresh = (pool.table["tier"][order] == p.Tier.CPU) & (attached.rejected_at[order] != gen)
+            gen = pool.generation_of(order)
+            fresh = (pool.tier_of(order) == p.Tier.CPU) & (attached.rejected_at[order] != gen)
             on_disk = []
-            for b, n, g in zip(order[fresh].tolist(), pool.table["hits"][order[fresh]].tolist(), gen[fresh].tolist()):
+            for b, n, g in zip(order[fresh].tolist(), pool.hits_of(order[fresh]).tolist(), gen[fresh].tolist()):
                 h = pool.hash_of(b)
                 if index.lookup(h) is not None:  # stored again after an eviction, still on disk
                     on_disk.append(b)
@@ -332,7 +344,7 @@ class DiskTier:
             if index.lookup(h) is not None:  # stored before and still on disk: nothing to write
                 on_disk.append(b)
                 continue
-            got = index.reserve(h, int(pool.table["priority"][b]), evicted)
+            got = index.reserve(h, int(pool.priority_of(b)), evicted)
             if got is None:  # every slot busy: write-through blocks wait for the next round
                 if write_through:
                     self._queue_write_through(attached, picked[i:], front=True)
@@ -346,21 +358,25 @@ class DiskTier:
             return
         pool.pin(blocks, 0)
         pinned_ns = time.monotonic_ns()
+        started = time.perf_counter()
         self._writes_in_flight += len(blocks)
         attached.writing += len(blocks)
         for start in range(0, len(blocks), job_blocks):
             part = slice(start, start + job_blocks)
             job_ids, job_slots, job_hashes = blocks[part], slots[part], hashes[part]
-            g2_checksums = pool.table["checksum"][job_ids].tolist()
-            job = p.DiskWrite(0, pool.segment.name, pool.segment.segment_id, index.path, index.fingerprint,
-                              job_ids, job_slots, job_hashes, index.generation[job_slots].tolist(), g2_checksums,
-                              pool.table["priority"][job_ids].tolist())
+            g2_checksums = pool.checksum_of(job_ids).tolist()
+            job = p.DiskWrite(job_id=0, segment=pool.segment.name, segment_id=pool.segment.segment_id, path=index.path,
+                              fingerprint=index.fingerprint, block_ids=job_ids, slots=job_slots, hashes=job_hashes,
+                              generations=index.generation[job_slots].tolist(), g2_checksums=g2_checksums,
+                              priorities=pool.priority_of(job_ids).tolist())
             fut = group.submit(job)
             fut.add_done_callback(lambda f, a=(attached, job_ids, job_slots, job_hashes, g2_checksums):
-                                  self._write_done(*a, pinned_ns=None if write_through else pinned_ns, fut=f))
+                                  self._write_done(*a, pinned_ns=None if write_through else pinned_ns,
+                                                   started=started, fut=f))
 
     def _write_done(self, attached: _Attached, blocks: list[int], slots: list[int], hashes: list[bytes],
-                    g2_checksums: list[int], pinned_ns: int | None, fut: concurrent.futures.Future) -> None:
+                    g2_checksums: list[int], pinned_ns: int | None, started: float,
+                    fut: concurrent.futures.Future) -> None:
         pool, index = attached.pool, attached.index
         self._writes_in_flight -= len(blocks)
         attached.writing -= len(blocks)
@@ -390,7 +406,9 @@ class DiskTier:
             self._queue_write_through(attached, [b for b, _ in lost])
         index.counters["written_blocks"] += len(stored)
         if stored:
-            self._on_event(p.BlockStored(pool.pool_id, pool.fingerprint, stored, p.Tier.DISK))
+            self._events.transferred(WRITE_PATH, len(stored) * index.block_bytes, time.perf_counter() - started)
+            self._events.event(p.BlockStored(pool_id=pool.pool_id, fingerprint=pool.fingerprint, hashes=stored,
+                                             tier=p.Tier.DISK))
         if bad_source:  # its G2 bytes no longer match their checksum: nobody may load it
             index.counters["bad_g2_blocks"] += pool.invalidate(bad_source)
         if pinned_ns is None:
@@ -428,23 +446,26 @@ class DiskTier:
     def _evicted_from_g3(self, pool: BlockPool, index: G3Index, hashes: list[bytes]) -> None:
         if not hashes:
             return
-        still = [b for b in (pool.registry.get(h) for h in hashes) if b is not None]
+        still = [b for b in map(pool.block_of, hashes) if b is not None]
         pool.set_tier(still, p.Tier.CPU)
-        self._on_event(p.BlockRemoved(pool.pool_id, pool.fingerprint, hashes, p.Tier.DISK))
+        self._events.event(p.BlockRemoved(pool_id=pool.pool_id, fingerprint=pool.fingerprint, hashes=hashes,
+                                          tier=p.Tier.DISK))
 
     # ------------------------------------------------------------ staging
 
     def _submit_reads(self, read: _Read) -> None:
-        group = self._workers[WORKER_KIND]
+        group = self._group()
         pool, index = read.pool, read.index
         job_blocks = max(1, min(64, _JOB_BYTES // index.file.slot_bytes))
         read.jobs_left = -(-len(read.blocks) // job_blocks)
+        read.started = time.perf_counter()
         for start in range(0, len(read.blocks), job_blocks):
             part = slice(start, start + job_blocks)
             slots = read.slots[part]
-            job = p.DiskRead(0, pool.segment.name, pool.segment.segment_id, index.path, index.fingerprint,
-                             read.blocks[part], slots, read.hashes[part], index.generation[slots].tolist(),
-                             index.checksum[slots].tolist())
+            job = p.DiskRead(job_id=0, segment=pool.segment.name, segment_id=pool.segment.segment_id, path=index.path,
+                             fingerprint=index.fingerprint, block_ids=read.blocks[part], slots=slots,
+                             hashes=read.hashes[part], generations=index.generation[slots].tolist(),
+                             checksums=index.checksum[slots].tolist())
             group.submit(job).add_done_callback(lambda f, first=start, n=len(slots): self._read_job_done(read, first, n, f))
 
     def _read_job_done(self, read: _Read, first: int, n: int, fut: concurrent.futures.Future) -> None:
@@ -457,14 +478,10 @@ class DiskTier:
     def _read_done(self, read: _Read) -> None:
         pool, index = read.pool, read.index
         read.ok = [i not in read.failed for i in range(len(read.blocks))]
-        by_priority: dict[int, list[int]] = collections.defaultdict(list)
-        for i, ok in enumerate(read.ok):
-            if ok:
-                by_priority[int(index.priority[read.slots[i]])].append(i)
-        for prio, positions in by_priority.items():
-            ids = [read.blocks[i] for i in positions]
-            pool.commit(ids, index.g2_checksum[[read.slots[i] for i in positions]].tolist(), prio)
-            pool.set_tier(ids, p.Tier.DISK)
+        good = [i for i, ok in enumerate(read.ok) if ok]
+        slots = [read.slots[i] for i in good]
+        pool.register_staged([read.blocks[i] for i in good], index.g2_checksum[slots].tolist(),
+                             index.priority[slots].tolist(), p.Tier.DISK)
         dropped = []
         for i, (b, slot, h) in enumerate(zip(read.blocks, read.slots, read.hashes)):
             del self._staging[(pool.pool_id, h)]
@@ -479,10 +496,13 @@ class DiskTier:
             index.counters["corrupt_blocks" if e in (errno.EBADMSG, errno.ENODATA) else "read_errors"] += 1
             index.read_done(slot, ok=False)
             dropped.append(h)
-        index.counters["read_blocks"] += len(read.blocks) - len(read.failed)
+        index.counters["read_blocks"] += len(good)
+        if good:
+            self._events.transferred(READ_PATH, len(good) * index.block_bytes, time.perf_counter() - read.started)
         if dropped:
             log.warning("%d G3 block(s) of %s failed on read: dropped, served as misses", len(dropped), index.path)
-            self._on_event(p.BlockRemoved(pool.pool_id, pool.fingerprint, dropped, p.Tier.DISK))
+            self._events.event(p.BlockRemoved(pool_id=pool.pool_id, fingerprint=pool.fingerprint, hashes=dropped,
+                                              tier=p.Tier.DISK))
         for fetch in read.waiters:
             fetch._finished(read)
 

@@ -21,8 +21,10 @@ Cost:
   coordinator sees of byte moves done by its clients: a store from allocate to commit
   (`g1_to_g2`) and a pinned load from the pinning lookup to the release of the same blocks
   (`g2_to_g1`). An engine's optimistic loads hold no pins and end unseen: they show as hits.
-- `observe_transfer(path, nbytes, seconds)` is for transfers that complete in the coordinator
-  (the I/O and transfer workers of other tiers report their completions there).
+- `observe_transfer(path, nbytes, seconds)` hears every transfer a tier finishes: the server
+  adds it as a listener of the tiers' `TierEvents` sink (`tier`), so G1 transfer jobs
+  (`g1_to_g2` offload, `g2_to_g1` onboard), G3 write-back (`g2_to_g3`) and staging (`g3_to_g2`),
+  and any later tier's paths are counted without the tiers knowing about metrics.
 
 Metrics (all prefixed `kvbm_`; per pool they carry `pool` and `model` labels):
 - gauges: `coordinator_info{instance,instance_id}`, `uptime_seconds`, `clients` (open leases),
@@ -280,10 +282,10 @@ class _Collector:
         for pool in pools:
             labels = [str(pool.pool_id), pool.model]
             seg = pool.segment
-            states = np.bincount(pool.table["state"], minlength=len(_STATES))
+            states = np.bincount(pool.segment.table["state"], minlength=len(_STATES))
             for state, name in _STATES.items():
                 blocks.add_metric([*labels, _POOL_TIER, name], int(states[state]))
-            pinned.add_metric([*labels, _POOL_TIER], int(np.count_nonzero(pool.table["refcount"])))
+            pinned.add_metric([*labels, _POOL_TIER], int(np.count_nonzero(pool.segment.table["refcount"])))
             block_bytes.add_metric(labels, seg.block_bytes)
             values = pool.counters()
             hits.add_metric([*labels, _POOL_TIER], values["hit_blocks"])

@@ -6,7 +6,11 @@ and a PUB socket for KV events, writes the runtime file, then loops until SIGTER
 `stop()`: it answers every request (a frame it cannot decode gets an `ErrorReply`, never
 silence), completes deferred replies, publishes the events of each iteration as one numbered
 batch, and sweeps leases. On the way out it unlinks every segment and removes its socket files
-and runtime file. A handler never blocks the loop; slow work runs as a `Deferred`.
+and runtime file. A handler never blocks the loop; slow work runs as a `Deferred`: its future's
+done callback writes a byte to a pipe the loop polls (from whichever thread finishes it), so a
+deferred reply goes out as soon as it is ready, with no polling while it waits; a Deferred with a
+`deadline` (a wait with a timeout) bounds the poll instead. Finishing a Deferred may yield
+another (a lookup that a second tier stages the rest of); it waits the same way.
 
 Bounds (a client, or any process that can reach the socket, cannot take the coordinator down):
 - File descriptors: the open-file limit is raised as far as allowed at start, and control
@@ -30,6 +34,7 @@ Bounds (a client, or any process that can reach the socket, cannot take the coor
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -45,10 +50,11 @@ from ..errors import CapacityError, ErrorCode, KvbmError
 from ..shm import shm_free_bytes
 from . import disk_tier
 from .connections import ConnectionGuard, default_max_connections, raise_fd_limit
-from .coordinator import Coordinator, Deferred
+from .coordinator import Coordinator
 from .devices import WORKER_KIND as TRANSFER_WORKERS
 from .metrics import Metrics
 from .supervisor import WorkerGroup
+from .tier import Deferred
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,7 @@ class Server:
         self.metrics: Metrics | None = None  # only with config.metrics_port
         self._stop = threading.Event()
         self._deferred: list[tuple[bytes, Deferred]] = []
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # a deferred reply is ready
         self._event_seq = 0
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -107,9 +114,11 @@ class Server:
             self.pub.bind(self.events_endpoint)
             if config.metrics_port:
                 self.metrics = Metrics.start(self.coordinator, config.metrics_port, config.metrics_host)
+                self.coordinator.events.on_transfer(self.metrics.observe_transfer)
             runtime.write_info(self.dir, runtime.RuntimeInfo(
-                config.instance, self.coordinator.instance_id, os.getpid(), p.PROTOCOL_VERSION,
-                self.endpoint, self.events_endpoint, time.time(), config.metrics_port))
+                instance=config.instance, instance_id=self.coordinator.instance_id, pid=os.getpid(),
+                protocol=p.PROTOCOL_VERSION, endpoint=self.endpoint, events_endpoint=self.events_endpoint,
+                started_unix=time.time(), metrics_port=config.metrics_port))
         except BaseException:
             self.close()
             raise
@@ -133,13 +142,13 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.guard.socket, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         groups = {group.socket: group for group in self.workers.values()}
         for sock in groups:
             poller.register(sock, zmq.POLLIN)
         flush_pending = False
         while not self._stop.is_set():
-            timeout_ms = 2 if self._deferred or flush_pending else _POLL_MS
-            ready = poller.poll(timeout_ms)
+            ready = poller.poll(self._poll_ms(flush_pending))
             last, stalled = self._clock(last, stall_after)
             flush_pending |= stalled
             for sock, _ in ready:
@@ -148,6 +157,8 @@ class Server:
                     flush_pending = True
                 elif sock is self.guard.socket:
                     self._survive("connection guard", self.guard.on_readable)
+                elif sock == self._wake_r:
+                    self._drain_wakes()
                 else:
                     self._survive(f"{groups[sock].kind} workers", groups[sock].on_readable)
             if self._deferred:
@@ -168,8 +179,35 @@ class Server:
                 next_sweep = now + sweep_every
             self._publish_events()
             if on_status is not None and now >= next_status:
-                on_status(self.coordinator.handle(p.Stats(0)))
+                on_status(self.coordinator.handle(p.Stats(req=0)))
                 next_status = now + status_interval_s
+
+    def _poll_ms(self, flush_pending: bool) -> int:
+        """How long the loop may wait: ~2 ms when bookkeeping waits for an idle moment, until the
+        nearest deadline of a deferred reply, else `_POLL_MS`."""
+        timeout_ms = 2 if flush_pending else _POLL_MS
+        deadline = min((d.deadline for _, d in self._deferred), default=math.inf)
+        if deadline < math.inf:
+            timeout_ms = min(timeout_ms, max(0, math.ceil((deadline - time.monotonic()) * 1000)))
+        return timeout_ms
+
+    def _wake(self, _future=None) -> None:
+        """A deferred reply's future is done (any thread): wake the loop."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):  # full: a wake is pending anyway; closed: shutting down
+            pass
+
+    def _drain_wakes(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _defer(self, identity: bytes, d: Deferred) -> None:
+        self._deferred.append((identity, d))
+        d.future.add_done_callback(self._wake)  # runs at once if it is done already
 
     def _clock(self, last: float, stall_after: float) -> tuple[float, bool]:
         """Now, and whether the loop stalled since `last` (then `_after_stall` has run)."""
@@ -197,7 +235,7 @@ class Server:
             identity, frames = frames[0], frames[1:]
             reply = self._answer(frames)
             if isinstance(reply, Deferred):
-                self._deferred.append((identity, reply))
+                self._defer(identity, reply)
             else:
                 self._send(identity, reply)
         return True
@@ -238,13 +276,16 @@ class Server:
                 self._error_logged[what] = now + _ERROR_LOG_EVERY_S
 
     def _complete_deferred(self) -> None:
-        waiting = []
-        for identity, d in self._deferred:
-            if d.future.done():
-                self._send(identity, self.coordinator.complete(d))
+        waiting, self._deferred = self._deferred, []
+        for identity, d in waiting:
+            if not d.future.done():
+                self._deferred.append((identity, d))
+                continue
+            reply = self.coordinator.complete(d)
+            if isinstance(reply, Deferred):
+                self._defer(identity, reply)
             else:
-                waiting.append((identity, d))
-        self._deferred = waiting
+                self._send(identity, reply)
 
     def _send(self, identity: bytes, reply: p.Reply) -> None:
         try:
@@ -258,7 +299,8 @@ class Server:
         if not events:
             return
         self._event_seq += 1
-        batch = p.EventBatch(self._event_seq, self.coordinator.instance_id, time.time_ns(), events)
+        batch = p.EventBatch(seq=self._event_seq, instance_id=self.coordinator.instance_id, ts_ns=time.time_ns(),
+                             events=events)
         self.pub.send_multipart([p.EVENTS_TOPIC, *p.encode(batch)])
 
     def close(self) -> None:
@@ -277,6 +319,8 @@ class Server:
         self.pub.close(200)  # let the last batch go out
         self.ctx.term()
         runtime.remove(self.dir)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
         os.close(self._lock_fd)
 
 

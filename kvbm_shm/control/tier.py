@@ -2,18 +2,27 @@
 
 Runs in the coordinator process, on its loop thread. G2 (the shm pools, `pool.BlockPool`) is the
 hub: every other tier (G1 device, G3 disk, G4 cluster, later object storage) moves bytes to or
-from G2 blocks, and sees a pool only through `PoolFace`: its lifecycle calls and read methods,
-never its table or registry. A tier is one module with a `Tier` subclass; the coordinator keeps
-its tiers in a list (in lookup order: disk before cluster) and calls every hook on each of them.
-Every hook has a no-op default, so a tier implements only what it needs. No hook may block: work
-that waits (disk I/O, a transfer, a network read) runs in a worker process or thread and comes
-back as a future.
+from G2 blocks, and sees a pool only through its face (`pool` module docstring): its lifecycle
+calls and read methods, never its table or registry. A tier is one module with a `Tier` subclass;
+the coordinator keeps its tiers in a list (in lookup order: disk before cluster) and calls every
+hook on each of them. Every hook has a no-op default, so a tier implements only what it needs. No
+hook may block: work that waits (disk I/O, a transfer, a network read) runs in a worker process
+or thread and comes back as a future.
+
+A tier never sees the coordinator. Its constructor takes, by keyword, the narrow things it uses:
+the `LeaseTable` (handlers that act for a lease), `pool_of(pool_id)` (the pool or UNKNOWN_POOL),
+its `WorkerGroup` as a zero-argument callable (groups start after the tiers), a `Store` (allocate
+and commit that also tell the other tiers, for a tier that stores into G2 on a client's behalf),
+and `TierEvents`, the one sink for what it reports: KV events, counters, and finished transfers
+(bytes by path, which `metrics` listens to).
 
 Hooks (each gets a batch; the coordinator has already checked ids, leases and ownership):
 
 - `attach(pool, namespace)`: a G2 pool exists (created, or recovered after a restart).
 - `on_allocated(pool, hashes)`: an Allocate asked for `hashes` (all of them, cached or not).
-- `on_committed(pool, block_ids)`: blocks became Registered in G2 (matchable).
+- `on_committed(pool, block_ids)`: blocks a client stored (engine-driven, or offloaded by a
+  transfer worker) became Registered in G2 (matchable). Blocks staged from a tier are not
+  reported here: they came from a tier, and that tier has them.
 - `on_removed(pool, hashes)`: blocks left G2 (evicted or invalidated); the tier may still hold
   copies of them.
 - `prepare_load(pool, hashes, g2_ids) -> Staging | None`: a lookup's G2 prefix (`g2_ids`, the
@@ -24,9 +33,11 @@ Hooks (each gets a batch; the coordinator has already checked ids, leases and ow
   are asked for the rest.
 - `end_lease(lease)`: a client's lease ended (goodbye, expiry, death): drop what it held here.
 - `handlers() -> {request type: handler}`: requests this tier answers itself (G1's RegisterDevice,
-  Offload, ...). A handler returns a reply or a `Deferred`, like the coordinator's own.
+  Offload, ...). A handler returns a reply or a `Deferred`, like the coordinator's own; the
+  server wakes when a Deferred's future is done (a done callback), or at its `deadline`.
 - `sweep(now)`: periodic work (decay, planning, reaping), every loop tick that has time.
-- `stats() -> dict`: this tier's part of the Stats reply; `close()`: clean shutdown.
+- `stats() -> dict`: this tier's fields of the Stats reply (e.g. `{"disks": [...]}`);
+  `close()`: clean shutdown.
 
 A `Staging` is the promise of a verified prefix: `future` is done when every byte it waited for
 has arrived and been checked; `result()` is then `(block_ids, tiers)`, the G2 blocks of the
@@ -39,12 +50,58 @@ after it has pinned (or not) what the lookup returns.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import math
+from collections import Counter
 from typing import TYPE_CHECKING, Callable, Protocol
+
+from .. import protocol as p
 
 if TYPE_CHECKING:
     from ..layout import Namespace
     from .leases import Lease
     from .pool import BlockPool as PoolFace
+
+
+@dataclasses.dataclass
+class Deferred:
+    """A reply that waits for `future`; `finish(future)` turns the finished future into the reply.
+    `deadline` (monotonic seconds): when the server asks `future.done()` again even if nothing woke
+    it (a wait with a timeout)."""
+
+    req: int
+    future: concurrent.futures.Future
+    finish: Callable[[concurrent.futures.Future], p.Reply]
+    deadline: float = math.inf
+
+
+class TierEvents:
+    """The sink every tier reports to, on the loop thread: KV events (`event`), coordinator
+    counters (`count`), and finished transfers (`transferred`: bytes on a path such as
+    "g2_to_g3", and seconds), which every listener added with `on_transfer` hears."""
+
+    def __init__(self, emit: Callable[[p.Event], None], counters: Counter):
+        self.event = emit
+        self._counters = counters
+        self._transfer_listeners: list[Callable[[str, int, float], None]] = []
+
+    def count(self, name: str, n: int = 1) -> None:
+        self._counters[name] += n
+
+    def on_transfer(self, listener: Callable[[str, int, float], None]) -> None:
+        self._transfer_listeners.append(listener)
+
+    def transferred(self, path: str, nbytes: int, seconds: float) -> None:
+        for listener in self._transfer_listeners:
+            listener(path, nbytes, seconds)
+
+
+class Store(Protocol):
+    """G2 stores on a client's behalf that every tier hears of (`on_allocated`, `on_committed`)."""
+
+    def allocate(self, pool: PoolFace, hashes: list[bytes], client_id: int) -> list[int]: ...
+
+    def commit(self, pool: PoolFace, ids: list[int], checksums: list[int], priority: int) -> int: ...
 
 
 class Staging(Protocol):

@@ -11,9 +11,8 @@ A tensor that can be shared neither way raises `DeviceError` saying what it woul
 Worker side: `HandleCache.open(handle)` maps the memory a handle names, once per process: tensors
 in the same shm segment or the same cudaMalloc allocation share one mapping (a process must not
 open one legacy handle twice); `release(handle)` drops a reference and unmaps with the last.
-`TensorView` is the little a `layout.EngineLayout.bind` needs of a tensor (shape, strides,
-address, dtype), so chunk tables can be built from imported addresses, or with address 0 to
-validate a registration in the coordinator.
+`TensorView` (`view`, re-exported here) is the little a `layout.EngineLayout.bind` needs of a
+tensor, so chunk tables can be built from imported addresses.
 """
 
 from __future__ import annotations
@@ -27,33 +26,11 @@ import numpy as np
 from .. import protocol as p
 from . import standin
 from ..errors import DeviceError
-from ..layout import dtype_name, itemsize
+from ..layout import dtype_name
 from ..shm import Segment
+from .view import TensorView  # noqa: F401 (re-exported: workers import it from here)
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorView:
-    """A tensor as `EngineLayout.bind` sees it: shape, byte strides, first byte's address, dtype."""
-
-    shape: tuple[int, ...]
-    strides: tuple[int, ...]  # bytes
-    address: int
-    dtype: str
-
-    @classmethod
-    def of(cls, handle: p.TensorHandle, address: int) -> "TensorView":
-        return cls(tuple(handle.shape), tuple(handle.strides), address, handle.dtype)
-
-    def element_size(self) -> int:
-        return itemsize(self.dtype)
-
-    def stride(self) -> tuple[int, ...]:
-        return tuple(s // self.element_size() for s in self.strides)
-
-    def data_ptr(self) -> int:
-        return self.address
 
 
 # ---------------------------------------------------------------- engine side

@@ -14,7 +14,8 @@ Contract:
 - `lookup(h)`: the slot holding hash `h` (STORED or READING), or None.
 - `reserve(h, priority)`: a slot to write `h` into, with the generation to stamp on it, or None
   when every slot is busy. Takes a free slot, else evicts the STORED slot of lowest priority,
-  least recently used; evicted hashes are appended to `evicted` for the caller to report.
+  least recently used (`kvbm_shm.eviction`: bounded priority classes, O(1)); evicted hashes are
+  appended to `evicted` for the caller to report.
 - `begin_read(slot)` / `read_done(slot, ok)`: a slot being staged into G2 cannot be evicted;
   a good read makes it the most recently used, a bad one drops it.
 - `drop(slot)`: forget a STORED slot (its bytes failed verification).
@@ -31,6 +32,7 @@ import logging
 
 import numpy as np
 
+from ..eviction import EvictionQueue
 from . import format as g3
 
 log = logging.getLogger(__name__)
@@ -104,7 +106,7 @@ class G3Index:
             self.checksum[slot] = checksum
             self.g2_checksum[slot] = g2_checksum
             self.entries[h] = slot
-            self._lru(int(self.priority[slot]))[slot] = None
+            self._order.push(slot, int(self.priority[slot]))
         elif retire:
             self.state[slot] = SlotState.RETIRED
             self.hashes[slot] = None
@@ -116,20 +118,20 @@ class G3Index:
     def begin_read(self, slot: int) -> None:
         assert self.state[slot] == SlotState.STORED
         self.state[slot] = SlotState.READING
-        del self._lru(int(self.priority[slot]))[slot]
+        self._order.remove(slot)
 
     def read_done(self, slot: int, ok: bool) -> None:
         assert self.state[slot] == SlotState.READING
         if ok:
             self.state[slot] = SlotState.STORED
-            self._lru(int(self.priority[slot]))[slot] = None
+            self._order.push(slot, int(self.priority[slot]))
         else:
             del self.entries[self.hashes[slot]]
             self._release(slot)
 
     def drop(self, slot: int) -> None:
         assert self.state[slot] == SlotState.STORED
-        del self._lru(int(self.priority[slot]))[slot]
+        self._order.remove(slot)
         del self.entries[self.hashes[slot]]
         self._release(slot)
 
@@ -177,7 +179,7 @@ class G3Index:
             self.g2_checksum[slot] = int(rec["g2_checksum"])
             self.priority[slot] = int(rec["priority"])
             self.entries[h] = slot
-            self._lru(int(rec["priority"]))[slot] = None
+            self._order.push(slot, int(rec["priority"]))
         self._free = sorted(set(range(self.num_slots)) - set(order), reverse=True)
         if len(headers):
             self.next_generation = int(headers["generation"][:readable].max(initial=0)) + 1
@@ -195,22 +197,16 @@ class G3Index:
         self.g2_checksum = np.zeros(num_slots, np.uint64)
         self.priority = np.zeros(num_slots, np.int16)
         self._free: list[int] = list(range(num_slots - 1, -1, -1))  # pop() hands out low slots first
-        self._by_priority: dict[int, collections.OrderedDict[int, None]] = {}
+        self._order = EvictionQueue(num_slots)  # STORED slots, next to evict first
         self.next_generation = 1
 
-    def _lru(self, priority: int) -> collections.OrderedDict:
-        lru = self._by_priority.get(priority)
-        if lru is None:
-            lru = self._by_priority[priority] = collections.OrderedDict()
-        return lru
-
     def _evict_one(self) -> int | None:
-        for prio in sorted(p for p, d in self._by_priority.items() if d):
-            slot, _ = self._by_priority[prio].popitem(last=False)
-            del self.entries[self.hashes[slot]]
-            self.counters["evicted_blocks"] += 1
-            return slot
-        return None
+        slot = self._order.pop()
+        if slot < 0:
+            return None
+        del self.entries[self.hashes[slot]]
+        self.counters["evicted_blocks"] += 1
+        return slot
 
     def _release(self, slot: int) -> None:
         self.state[slot] = SlotState.FREE
