@@ -51,7 +51,7 @@ import zmq
 from kvbm_shm import Client, EngineLayout, KvLayout, Namespace, protocol as p, runtime
 from kvbm_shm.disk import format as g3
 from kvbm_shm.config import default_disk_dir
-from kvbm_shm.control.disk_tier import _JOB_BYTES as JOB_BYTES, MAX_WINDOW
+from kvbm_shm.control.disk_tier import MAX_WINDOW, job_blocks
 from kvbm_shm.hashing import sequence_hashes
 from kvbm_shm.shm import PAGE, PoolSegment
 
@@ -81,8 +81,8 @@ def raw_io_seconds(path: Path, num_slots: int, block_bytes: int, processes: int,
         os.close(fd)
     ctx = mp.get_context("fork")
     go = ctx.Barrier(processes + 1)
-    job_blocks = max(1, min(64, JOB_BYTES // g3.slot_bytes_for(block_bytes)))
-    jobs = [list(range(s, min(s + job_blocks, num_slots))) for s in range(0, num_slots, job_blocks)]
+    per_job = job_blocks(g3.slot_bytes_for(block_bytes))
+    jobs = [list(range(s, min(s + per_job, num_slots))) for s in range(0, num_slots, per_job)]
     slots_of = [[slot for job in jobs[i::processes] for slot in job] for i in range(processes)]
     workers = [ctx.Process(target=_raw_io_worker, args=(path, slots_of[i], block_bytes, threads, write, go))
                for i in range(processes)]

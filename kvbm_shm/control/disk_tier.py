@@ -76,7 +76,14 @@ log = logging.getLogger(__name__)
 WORKER_KIND = "disk"
 WRITE_PATH, READ_PATH = "g2_to_g3", "g3_to_g2"  # transfer paths (metrics)
 WORKER_MODULE = "kvbm_shm.workers.disk_io"
-_JOB_BYTES = 32 << 20  # bytes per job: large enough to keep a worker's threads busy
+JOB_BYTES = 32 << 20  # bytes per job: large enough to keep a worker's threads busy
+
+
+def job_blocks(slot_bytes: int) -> int:
+    """Blocks per I/O job: the contiguous run of slots one worker takes at a time."""
+    return max(1, min(64, JOB_BYTES // slot_bytes))
+
+
 MAX_WINDOW = 1024  # blocks ahead of eviction that write-back looks at, at most
 WRITE_THROUGH_SHARE = 0.5  # of a pool's blocks, at most this many wait (pinned) for write-through
 _DROP_LOG_EVERY_S = 10.0
@@ -292,8 +299,8 @@ class DiskTier(Tier):
         if self._closed or group is None:
             return
         pool, index = attached.pool, attached.index
-        job_blocks = max(1, min(64, _JOB_BYTES // index.file.slot_bytes))
-        room = 2 * job_blocks * max(group.alive(), 1) - self._writes_in_flight
+        per_job = job_blocks(index.file.slot_bytes)
+        room = 2 * per_job * max(group.alive(), 1) - self._writes_in_flight
         if room <= 0:
             return
         write_through = self.config.disk_write_through
@@ -361,8 +368,8 @@ class DiskTier(Tier):
         started = time.perf_counter()
         self._writes_in_flight += len(blocks)
         attached.writing += len(blocks)
-        for start in range(0, len(blocks), job_blocks):
-            part = slice(start, start + job_blocks)
+        for start in range(0, len(blocks), per_job):
+            part = slice(start, start + per_job)
             job_ids, job_slots, job_hashes = blocks[part], slots[part], hashes[part]
             g2_checksums = pool.checksum_of(job_ids).tolist()
             job = p.DiskWrite(job_id=0, segment=pool.segment.name, segment_id=pool.segment.segment_id, path=index.path,
@@ -456,11 +463,11 @@ class DiskTier(Tier):
     def _submit_reads(self, read: _Read) -> None:
         group = self._group()
         pool, index = read.pool, read.index
-        job_blocks = max(1, min(64, _JOB_BYTES // index.file.slot_bytes))
-        read.jobs_left = -(-len(read.blocks) // job_blocks)
+        per_job = job_blocks(index.file.slot_bytes)
+        read.jobs_left = -(-len(read.blocks) // per_job)
         read.started = time.perf_counter()
-        for start in range(0, len(read.blocks), job_blocks):
-            part = slice(start, start + job_blocks)
+        for start in range(0, len(read.blocks), per_job):
+            part = slice(start, start + per_job)
             slots = read.slots[part]
             job = p.DiskRead(job_id=0, segment=pool.segment.name, segment_id=pool.segment.segment_id, path=index.path,
                              fingerprint=index.fingerprint, block_ids=read.blocks[part], slots=slots,
