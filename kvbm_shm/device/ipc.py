@@ -28,6 +28,7 @@ from .. import protocol as p
 from . import standin
 from ..errors import DeviceError
 from ..layout import dtype_name, itemsize
+from ..names import parse_standin_name
 from ..shm import Segment
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ def _key(mem) -> tuple:
 
 def _open(mem) -> _Mapping:
     if isinstance(mem, p.ShmTensor):
-        if not mem.segment.startswith("kvbm-") or "-dev-" not in mem.segment:
+        if parse_standin_name(mem.segment) is None:
             raise DeviceError(f"{mem.segment!r} is not a stand-in device segment")
         try:
             seg = Segment.attach(mem.segment)
