@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import time
 
 import zmq
@@ -112,7 +113,7 @@ class Replies(_Matcher):
                 raise self._not_connected(timeout_s) from None
             self.sock.send_multipart(frames, zmq.NOBLOCK)
         while True:
-            wait_ms = max(int((deadline - time.monotonic()) * 1000), 0)
+            wait_ms = max(math.ceil((deadline - time.monotonic()) * 1000), 0)  # never gives up before the deadline
             if wait_ms != self._rcvtimeo_ms:  # a blocking recv with a deadline: no poll call
                 self._rcvtimeo_ms = wait_ms
                 self.sock.setsockopt(zmq.RCVTIMEO, wait_ms)
