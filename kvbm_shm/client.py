@@ -10,12 +10,13 @@
     client.load(kv, hashes, device_block_ids)            # lookup -> copy -> verify (no pins)
 
 Contract:
-- Every call has a deadline (`timeout_s`); replies are matched by request id, so a late reply
-  of a timed-out call is discarded, never taken for another's. With no coordinator listening a
-  call fails with `CoordinatorUnavailable` when none connects within the deadline; nothing is
-  queued for a coordinator that is not there (so nothing stale reaches the next one). A call
-  that got no reply in time fails with code TIMEOUT while the coordinator's process (named in
-  the hello reply) is alive, i.e. it is slow, and with UNAVAILABLE once that process is gone.
+- Every call has a deadline (`timeout_s`) and goes through `replies` (the one reply matcher):
+  replies are matched by request id, so a late reply of a timed-out call is discarded, never
+  taken for another's. With no coordinator listening a call fails with `CoordinatorUnavailable`
+  when none connects within the deadline; nothing is queued for a coordinator that is not there
+  (so nothing stale reaches the next one). A call that got no reply in time fails with code
+  TIMEOUT while the coordinator's process (named in the hello reply) is alive, i.e. it is slow,
+  and with UNAVAILABLE once that process is gone.
 - The lease is a token from the hello reply, sent with every request that acts on it. A
   background thread keeps it alive. When the coordinator does not know it (restarted, or the
   lease ended), the client says hello again, re-registers its pools (re-mapping a segment that
@@ -45,11 +46,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import logging
 import os
 import threading
-import time
 from typing import Callable, Generator, Sequence
 
 import numpy as np
@@ -59,10 +58,10 @@ import zmq.asyncio
 from . import protocol as p
 from . import runtime
 from .config import ClientConfig
-from .errors import (CoordinatorUnavailable, CorruptionError, ErrorCode, KvbmError, LeaseError, ProtocolError,
-                     error_from_code)
+from .errors import CoordinatorUnavailable, CorruptionError, ErrorCode, KvbmError, LeaseError, ProtocolError
 from .kernels import cpu_copy
 from .layout import ChunkTable, Namespace
+from .replies import AsyncReplies, Peer, Replies
 from .shm import BlockState, PoolSegment
 
 log = logging.getLogger(__name__)
@@ -189,17 +188,22 @@ class _Core:
     def __init__(self, config: ClientConfig | None, name: str, overrides: dict):
         self.config = config or ClientConfig.load(**overrides)
         self.name = name or f"pid{os.getpid()}"
-        self.endpoint = self.config.endpoint or self._endpoint_from_runtime()
+        self.peer = Peer(self.config.endpoint or self._endpoint_from_runtime())  # pid and frame limit: from hello
         self.client_id = 0  # for display: the coordinator's number for this lease
         self.lease = b""  # the lease token, sent with every lease-scoped request
-        self.coordinator_pid = 0
-        self.max_frame_bytes = 0  # the coordinator's limit on a request (0: not known before hello)
         self.lease_ms = 0
         self.instance_id = ""
         self.events_endpoint = ""
         self._pools: dict[str, Pool] = {}
-        self._req = itertools.count(1)
         self._heartbeat: _Heartbeat | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return self.peer.endpoint
+
+    @property
+    def coordinator_pid(self) -> int:
+        return self.peer.coordinator_pid
 
     def _endpoint_from_runtime(self) -> str:
         """The endpoint of a coordinator we can trust: our own runtime directory and file, and the
@@ -221,7 +225,7 @@ class _Core:
     def _hello_step(self) -> _Step:
         reply = yield p.Hello(req=0, name=self.name, pid=os.getpid())
         self.client_id, self.lease, self.lease_ms = reply.client_id, reply.lease, reply.lease_ms
-        self.coordinator_pid, self.max_frame_bytes = reply.coordinator_pid, reply.max_frame_bytes
+        self.peer.coordinator_pid, self.peer.max_frame_bytes = reply.coordinator_pid, reply.max_frame_bytes
         self.instance_id, self.events_endpoint = reply.instance_id, reply.events_endpoint
         if self._heartbeat is not None:
             self._heartbeat.lease = self.lease
@@ -313,31 +317,6 @@ class _Core:
         """Registering a layout may create and pre-fault a pool (about a second per GiB)."""
         return self.config.setup_timeout_s if isinstance(request, p.RegisterLayout) else self.config.timeout_s
 
-    def _encode(self, request: p._Request) -> list[bytes]:
-        """The request's frames; FRAME_TOO_LARGE, and nothing sent, past the coordinator's limit
-        (which would answer the same, or drop the connection for a frame over 4x the limit)."""
-        frames = p.encode(request)
-        size = sum(len(f) for f in frames)
-        if self.max_frame_bytes and size > self.max_frame_bytes:
-            raise ProtocolError(f"{type(request).__name__} of {size} bytes exceeds the coordinator's max_frame_bytes "
-                                f"{self.max_frame_bytes}: send smaller batches", ErrorCode.FRAME_TOO_LARGE)
-        return frames
-
-    def _no_reply(self, request: p._Request, timeout_s: float) -> CoordinatorUnavailable:
-        """The error of a call that got no reply in time: TIMEOUT if the coordinator lives."""
-        alive = self.coordinator_pid <= 0 or runtime.pid_alive(self.coordinator_pid)
-        return CoordinatorUnavailable(
-            f"{type(request).__name__} got no reply within {timeout_s:.3g} s from {self.endpoint}"
-            + ("" if alive else f" (the coordinator, pid {self.coordinator_pid}, is gone)"),
-            ErrorCode.TIMEOUT if alive else ErrorCode.UNAVAILABLE)
-
-    @staticmethod
-    def _check(request: p._Request, reply: p.Reply) -> p.Reply:
-        p.check_reply_kind(request, reply)
-        if isinstance(reply, p.ErrorReply):
-            raise error_from_code(reply.code, reply.message)
-        return reply
-
 
 def _gather(kv: EngineKv, device_ids: list[int], g2_ids: list[int], threads: int) -> list[int]:
     """Copy device blocks into G2 blocks; their checksums."""
@@ -391,7 +370,7 @@ class Client(_Core):
         super().__init__(config, name, overrides)
         self._ctx = zmq.Context()
         self._sock = self._new_socket(self._ctx)
-        self._rcvtimeo_ms = -1
+        self._replies = Replies(self._sock, self.peer)
         self._lock = threading.RLock()
         try:
             self._drive(self._hello_step, retry=False)
@@ -488,36 +467,12 @@ class Client(_Core):
 
     def _notify(self, request: p._Request) -> None:
         with self._lock:
-            request.req = next(self._req)
-            try:
-                self._sock.send_multipart(self._encode(request), zmq.NOBLOCK)
-            except zmq.Again:
+            if not self._replies.notify(request):
                 log.warning("%s not sent: no coordinator is connected", type(request).__name__)
 
     def _call(self, request: p._Request, timeout_s: float | None = None) -> p.Reply:
-        timeout = timeout_s or self._deadline_s(request)
         with self._lock:
-            request.req = next(self._req)
-            deadline = time.monotonic() + timeout
-            frames = self._encode(request)
-            try:
-                self._sock.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.Again:  # not connected (yet): wait for the connection, within the deadline
-                if not self._sock.poll(timeout * 1000, zmq.POLLOUT):
-                    raise CoordinatorUnavailable(f"no coordinator is listening at {self.endpoint}") from None
-                self._sock.send_multipart(frames, zmq.NOBLOCK)
-            wait_ms = int(timeout * 1000)
-            while True:
-                if wait_ms != self._rcvtimeo_ms:  # a blocking recv with a deadline: no poll call
-                    self._rcvtimeo_ms = wait_ms
-                    self._sock.setsockopt(zmq.RCVTIMEO, wait_ms)
-                try:
-                    reply = p.decode_reply(self._sock.recv_multipart())
-                except zmq.Again:
-                    raise self._no_reply(request, timeout) from None
-                if reply.req == request.req:
-                    return self._check(request, reply)
-                wait_ms = max(int((deadline - time.monotonic()) * 1000), 0)  # a stale reply: wait the rest
+            return self._replies.call(request, timeout_s or self._deadline_s(request))
 
 
 class AsyncClient(_Core):
@@ -527,6 +482,7 @@ class AsyncClient(_Core):
         super().__init__(config, name, overrides)
         self._ctx = zmq.asyncio.Context()
         self._sock = self._new_socket(self._ctx)
+        self._replies = AsyncReplies(self._sock, self.peer)
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -606,27 +562,11 @@ class AsyncClient(_Core):
                 error = e
 
     async def _notify(self, request: p._Request) -> None:
-        request.req = next(self._req)
-        try:
-            await self._sock.send_multipart(self._encode(request), zmq.NOBLOCK)
-        except zmq.Again:
+        if not await self._replies.notify(request):
             log.warning("%s not sent: no coordinator is connected", type(request).__name__)
 
     async def _call(self, request: p._Request, timeout_s: float | None = None) -> p.Reply:
-        request.req = next(self._req)
-        timeout = timeout_s or self._deadline_s(request)
-        deadline = time.monotonic() + timeout
-        frames = self._encode(request)
-        if not await self._sock.poll(timeout * 1000, zmq.POLLOUT):
-            raise CoordinatorUnavailable(f"no coordinator is listening at {self.endpoint}")
-        await self._sock.send_multipart(frames, zmq.NOBLOCK)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not await self._sock.poll(left * 1000):
-                raise self._no_reply(request, timeout)
-            reply = p.decode_reply(await self._sock.recv_multipart())
-            if reply.req == request.req:
-                return self._check(request, reply)
+        return await self._replies.call(request, timeout_s or self._deadline_s(request))
 
 
 class _Heartbeat(threading.Thread):
@@ -636,7 +576,6 @@ class _Heartbeat(threading.Thread):
         super().__init__(name="kvbm-heartbeat", daemon=True)
         self.lease = core.lease
         self._interval_s = max(core.lease_ms / 3000, 0.01)
-        self._endpoint = core.endpoint
         self._core = core
         self._stop_event = threading.Event()
         self.start()
@@ -644,15 +583,11 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         ctx = zmq.Context()
         sock = self._core._new_socket(ctx)
-        req = itertools.count(1)
+        replies = Replies(sock, self._core.peer)
         try:
             while not self._stop_event.wait(self._interval_s):
-                try:
-                    sock.send_multipart(p.encode(p.Heartbeat(req=next(req), lease=self.lease)), zmq.NOBLOCK)
-                except zmq.Again:
-                    continue  # coordinator down: the next operation will find out
-                while sock.poll(0):
-                    sock.recv_multipart()
+                replies.drain()  # the replies to earlier heartbeats
+                replies.notify(p.Heartbeat(req=0, lease=self.lease))  # coordinator down: the next operation finds out
         finally:
             sock.close(0)
             ctx.term()

@@ -67,6 +67,13 @@ class ProtocolError(KvbmError):
     code = ErrorCode.BAD_FRAME
 
 
+class UnknownOpError(ProtocolError):
+    """The peer does not know the request's op (it speaks an older protocol, or the op is made up).
+    Recognise it by this type or its code, never by the message."""
+
+    code = ErrorCode.UNKNOWN_OP
+
+
 class RequestError(KvbmError):
     """A well-formed request that the coordinator refused (unknown ids, wrong owner, ...)."""
 
@@ -123,7 +130,7 @@ _BY_CODE: dict[ErrorCode, type[KvbmError]] = {
     ErrorCode.BAD_FRAME: ProtocolError,
     ErrorCode.BAD_VERSION: ProtocolError,
     ErrorCode.FRAME_TOO_LARGE: ProtocolError,
-    ErrorCode.UNKNOWN_OP: ProtocolError,
+    ErrorCode.UNKNOWN_OP: UnknownOpError,
     ErrorCode.UNKNOWN_LEASE: LeaseError,
     ErrorCode.BUDGET_EXHAUSTED: CapacityError,
     ErrorCode.SHM_FULL: CapacityError,

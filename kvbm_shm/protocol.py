@@ -447,6 +447,7 @@ def check_reply_kind(request: _Request, reply: _Reply) -> None:
 # ---------------------------------------------------------------- encoding
 
 _request_decoder = msgspec.msgpack.Decoder(Request)
+_REQUEST_OPS = frozenset(t.__struct_config__.tag for t in Request.__args__)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 _event_decoder = msgspec.msgpack.Decoder(EventBatch)
 _encoder = msgspec.msgpack.Encoder()
@@ -471,11 +472,15 @@ def _body(frames: list) -> bytes:
 
 
 def decode_request(frames: list) -> Request:
+    """The request in `frames`; ProtocolError otherwise, with code BAD_VERSION or BAD_FRAME (not our
+    frames, not msgpack), UNKNOWN_OP (an array whose op this side does not know: a newer peer, or
+    none) or BAD_REQUEST (not an array, or a known op whose fields do not decode or break a bound)."""
     body = _body(frames)
     try:
         return _request_decoder.decode(body)
     except msgspec.ValidationError as e:
-        code = ErrorCode.UNKNOWN_OP if str(e).endswith("`$[0]`") else ErrorCode.BAD_REQUEST
+        op = _head(body)[0]
+        code = ErrorCode.UNKNOWN_OP if op is not None and op not in _REQUEST_OPS else ErrorCode.BAD_REQUEST
         raise ProtocolError(f"invalid request: {e}", code) from e
     except msgspec.DecodeError as e:
         raise ProtocolError(f"request body is not msgpack: {e}") from e
@@ -498,13 +503,24 @@ def decode_events(frames: list) -> EventBatch:
         raise ProtocolError(f"invalid event batch: {e}") from e
 
 
-def request_id(body: bytes) -> int:
-    """Best-effort request id of an undecodable body, so that its error reply can be matched."""
+def _head(body: bytes) -> tuple[object, int]:
+    """(op, request id) of a body that did not decode as a Request, as far as they can be read: a
+    request is an array `[op, req, fields...]`. op: None when the body is not an array, "" when the
+    array has no string first; req: 0 when there is none."""
     try:
         value = msgspec.msgpack.decode(body)
-        return int(value[1]) if isinstance(value, list) and len(value) > 1 else 0
-    except (msgspec.DecodeError, TypeError, ValueError):
-        return 0
+    except msgspec.DecodeError:
+        return None, 0
+    if not isinstance(value, list):
+        return None, 0
+    op = value[0] if value and isinstance(value[0], str) else ""
+    req = value[1] if len(value) > 1 and isinstance(value[1], int) and not isinstance(value[1], bool) else 0
+    return op, req
+
+
+def request_id(body: bytes) -> int:
+    """Best-effort request id of an undecodable body, so that its error reply can be matched."""
+    return _head(body)[1]
 
 
 # ---------------------------------------------------------------- worker jobs

@@ -5,6 +5,7 @@
         events.sock                    PUB endpoint (ipc://)
         runtime.json                   0600: RuntimeInfo as JSON
         coordinator.lock               flock held while a coordinator lives
+    (the names: `names`)
 
 `claim(dir)` takes the lock or raises `KvbmError(ALREADY_RUNNING)` naming the live pid; a
 dead coordinator's lock is free (the kernel drops it), so a new one takes over. `write_info`
@@ -36,13 +37,8 @@ import msgspec
 
 from . import ownership
 from .errors import ConfigError, CoordinatorUnavailable, ErrorCode, ForeignError, KvbmError
+from .names import CONTROL_SOCKET, EVENTS_SOCKET, INFO_FILE, INFO_TMP_FILE, LOCK_FILE, LONGEST_SOCKET_NAME, RUNTIME_FILES
 
-CONTROL_SOCKET = "control.sock"
-EVENTS_SOCKET = "events.sock"
-INFO_FILE = "runtime.json"
-LOCK_FILE = "coordinator.lock"
-# the longest socket name in an instance directory (control.sock, events.sock, workers-<kind>.sock)
-LONGEST_SOCKET_NAME = "workers-transfer.sock"
 MAX_SOCKET_PATH = 107  # bytes of a unix socket path: sun_path is 108 with the terminating NUL
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -178,7 +174,7 @@ def endpoint(path: Path, socket: str) -> str:
 
 
 def write_info(path: Path, info: RuntimeInfo) -> None:
-    tmp = path / (INFO_FILE + ".tmp")
+    tmp = path / INFO_TMP_FILE
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(msgspec.json.encode(info))
@@ -202,7 +198,7 @@ def remove(path: Path) -> None:
     except FileNotFoundError:
         return
     for name in names:
-        if name in (INFO_FILE, INFO_FILE + ".tmp", LOCK_FILE) or stat.S_ISSOCK(os.lstat(path / name).st_mode):
+        if name in RUNTIME_FILES or stat.S_ISSOCK(os.lstat(path / name).st_mode):
             try:
                 os.unlink(path / name)
             except FileNotFoundError:

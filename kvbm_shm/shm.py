@@ -10,7 +10,8 @@ Primitives:
   checks the opened file (`ownership.check_file`: a regular file of our uid, mode 0600), and
   `unlink` removes only such files. Anything else (another user's file at our name, a link, a
   FIFO, a file open to others) raises `ForeignError` naming it and its owner, and is left alone.
-- `pool_name(instance, pool_id)`: the one place pool segments are named.
+- Segment names come from `names` (`names.pool_name` for pools); `PAGE`, `round_up` and
+  `MAX_NAMESPACE_BYTES` are defined here for every format that aligns to pages (G2 and G3).
 - `PoolSegment`: one G2 pool. Layout of the segment:
 
       [header: 4 KiB][block table: num_blocks x 64-byte records][pad to 4 KiB][block data]
@@ -42,16 +43,16 @@ import numpy as np
 
 from . import ownership
 from .errors import CapacityError, CorruptionError, ErrorCode, ForeignError
+from .names import SEGMENT_PREFIX, pool_name
 
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
-SEGMENT_PREFIX = "kvbm-"
-PAGE = 4096
+PAGE = 4096  # alignment of every block, segment part and G3 slot (O_DIRECT, huge pages aside)
 POOL_MAGIC = b"KVBMPOOL"
 POOL_FORMAT_VERSION = 2
 HEADER_BYTES = 4096
-MAX_NAMESPACE_BYTES = 2048
+MAX_NAMESPACE_BYTES = 2048  # a namespace's msgpack description, in a pool header and a G3 file header
 
 
 class BlockState(enum.IntEnum):
@@ -104,22 +105,13 @@ HEADER_DTYPE = np.dtype([
 assert HEADER_DTYPE.itemsize <= HEADER_BYTES
 
 
-def round_up(n: int, to: int) -> int:
+def round_up(n: int, to: int = PAGE) -> int:
     return (n + to - 1) // to * to
 
 
 def shm_free_bytes() -> int:
     st = os.statvfs(SHM_DIR)
     return st.f_bavail * st.f_frsize
-
-
-def pool_prefix(instance: str) -> str:
-    return f"{SEGMENT_PREFIX}{instance}-pool-"
-
-
-def pool_name(instance: str, pool_id: int) -> str:
-    """The segment name of pool `pool_id` of `instance` (parsed back by `observe.node.POOL_NAME`)."""
-    return f"{pool_prefix(instance)}{pool_id}"
 
 
 def free_pool_id(instance: str, first: int, tries: int = 64) -> int:
@@ -352,13 +344,13 @@ class PoolSegment:
 
     @staticmethod
     def size_for(num_blocks: int, block_bytes: int) -> int:
-        stride = round_up(block_bytes, PAGE)
-        return round_up(HEADER_BYTES + num_blocks * RECORD_DTYPE.itemsize, PAGE) + num_blocks * stride
+        stride = round_up(block_bytes)
+        return round_up(HEADER_BYTES + num_blocks * RECORD_DTYPE.itemsize) + num_blocks * stride
 
     @staticmethod
     def blocks_for(budget_bytes: int, block_bytes: int) -> int:
         """How many blocks a segment of at most `budget_bytes` holds."""
-        per_block = round_up(block_bytes, PAGE) + RECORD_DTYPE.itemsize
+        per_block = round_up(block_bytes) + RECORD_DTYPE.itemsize
         n = max(0, (budget_bytes - HEADER_BYTES) // per_block)
         while n and PoolSegment.size_for(n, block_bytes) > budget_bytes:
             n -= 1
@@ -369,9 +361,9 @@ class PoolSegment:
                segment_id: str, fingerprint: str, namespace: bytes) -> "PoolSegment":
         if len(namespace) > MAX_NAMESPACE_BYTES:
             raise ValueError(f"namespace description is {len(namespace)} bytes, at most {MAX_NAMESPACE_BYTES}")
-        stride = round_up(block_bytes, PAGE)
+        stride = round_up(block_bytes)
         table_offset = HEADER_BYTES
-        data_offset = round_up(table_offset + num_blocks * RECORD_DTYPE.itemsize, PAGE)
+        data_offset = round_up(table_offset + num_blocks * RECORD_DTYPE.itemsize)
         seg = Segment.create(name, data_offset + num_blocks * stride)
         try:
             h = seg.view(HEADER_DTYPE, 0, 1)[0]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kvbm_shm.names import instance_prefix
 from kvbm_shm.shm import list_segments
 
 from .procs import CoordinatorProcess
@@ -41,7 +42,7 @@ def coordinator_factory(instance, runtime_dir):
     yield start
     for coord in started:
         coord.stop()
-    left = list_segments(f"kvbm-{instance}-")
+    left = list_segments(instance_prefix(instance))
     for coord in started[-1:]:
         coord.remove_leftovers()
     assert not left, f"segments left in /dev/shm after the test: {left}"

@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from kvbm_shm import runtime
+from kvbm_shm import names, runtime
 from kvbm_shm.shm import list_segments, unlink
 
 _ctx = mp.get_context("spawn")
@@ -142,7 +142,7 @@ class CoordinatorProcess:
             self.proc.wait(10)
 
     def segments(self) -> list[str]:
-        return list_segments(f"kvbm-{self.instance}-")
+        return list_segments(names.instance_prefix(self.instance))
 
     def remove_leftovers(self) -> list[str]:
         """Unlink what a killed coordinator left (tests that kill it on purpose)."""

@@ -44,13 +44,14 @@ def setup(tmp_path):
 def write(seg, f, blocks, slots, g2_checksums=None):
     """A write job as the coordinator sends it: block b gets hash h(b), generation 10 + slot."""
     g2_checksums = g2_checksums or [cpu_copy.checksum(seg.block(b)) for b in blocks]
-    return p.DiskWrite(7, seg.name, seg.segment_id, str(f.path), FP, blocks, slots, [h(b) for b in blocks],
-                       [10 + s for s in slots], g2_checksums, [0] * len(blocks))
+    return p.DiskWrite(job_id=7, segment=seg.name, segment_id=seg.segment_id, path=str(f.path), fingerprint=FP,
+                       block_ids=blocks, slots=slots, hashes=[h(b) for b in blocks],
+                       generations=[10 + s for s in slots], g2_checksums=g2_checksums, priorities=[0] * len(blocks))
 
 
 def read(seg, f, blocks, slots, hashes, xxh3):
-    return p.DiskRead(8, seg.name, seg.segment_id, str(f.path), FP, blocks, slots, hashes, [10 + s for s in slots],
-                      xxh3)
+    return p.DiskRead(job_id=8, segment=seg.name, segment_id=seg.segment_id, path=str(f.path), fingerprint=FP,
+                      block_ids=blocks, slots=slots, hashes=hashes, generations=[10 + s for s in slots], checksums=xxh3)
 
 
 def test_write_then_read_back_into_other_blocks(setup):

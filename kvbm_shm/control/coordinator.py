@@ -43,7 +43,8 @@ from ..config import ServiceConfig
 from ..errors import CapacityError, ErrorCode, ForeignError, KvbmError, RequestError
 from ..kernels import cpu_copy
 from ..layout import Namespace
-from ..shm import (MAX_NAMESPACE_BYTES, BlockState, PoolSegment, free_pool_id, list_segments, pool_name, pool_prefix,
+from ..names import pool_name, pool_prefix
+from ..shm import (MAX_NAMESPACE_BYTES, BlockState, PoolSegment, free_pool_id, list_segments,
                    unlink)
 from . import devices, disk_tier
 from .devices import DeviceTier

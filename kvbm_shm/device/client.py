@@ -25,7 +25,6 @@ blocks were not moved: an offload registered none of them, an onboard's must be 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import threading
 import time
 from typing import Sequence
@@ -34,7 +33,8 @@ import zmq
 
 from .. import protocol as p
 from ..client import Client, EngineKv, Pool, check_allocation, check_hits
-from ..errors import CoordinatorUnavailable, DeviceError, ErrorCode, ProtocolError, error_from_code
+from ..errors import DeviceError, ProtocolError
+from ..replies import Replies
 from .ipc import Exports, export_tensors
 
 MODES = ("worker", "engine")
@@ -105,9 +105,8 @@ class DeviceKv:
         self.device_id = 0
         self.num_device_blocks = self.engine_kv.chunks.num_device_blocks
         self._exports = Exports()
-        self._req = itertools.count(1)
         self._ctx: zmq.Context | None = None
-        self._sockets: dict[str, tuple[zmq.Socket, threading.Lock]] = {}
+        self._sockets: dict[str, tuple[Replies, threading.Lock]] = {}
 
     @classmethod
     def register(cls, client: Client, pool: Pool, tensors: Sequence, mode: str = "worker") -> "DeviceKv":
@@ -115,7 +114,7 @@ class DeviceKv:
         if mode == "engine":
             return kv
         kv._ctx = zmq.Context()
-        kv._sockets = {name: (kv._socket(), threading.Lock()) for name in ("requests", "waits")}
+        kv._sockets = {name: (Replies(kv._socket(), client.peer), threading.Lock()) for name in ("requests", "waits")}
         try:
             handles, kv._exports = export_tensors(tensors)
             reply = kv._call(p.RegisterDevice(req=0, lease=client.lease, pool_id=pool.pool_id, tensors=handles))
@@ -203,31 +202,14 @@ class DeviceKv:
         s.connect(self.client.endpoint)
         return s
 
-    def _call(self, request, timeout_s: float | None = None, socket: str = "requests"):
-        sock, lock = self._sockets[socket]
-        timeout_s = timeout_s or self.client.config.timeout_s
+    def _call(self, request: p._Request, timeout_s: float | None = None, socket: str = "requests") -> p.Reply:
+        replies, lock = self._sockets[socket]
         with lock:
-            request.req = next(self._req)
-            deadline = time.monotonic() + timeout_s
-            if not sock.poll(timeout_s * 1000, zmq.POLLOUT):
-                raise CoordinatorUnavailable(f"no coordinator is listening at {self.client.endpoint}")
-            sock.send_multipart(p.encode(request), zmq.NOBLOCK)
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sock.poll(left * 1000):
-                    raise CoordinatorUnavailable(f"{type(request).__name__} got no reply within {timeout_s:.3g} s",
-                                                 ErrorCode.TIMEOUT)
-                reply = p.decode_reply(sock.recv_multipart())
-                if reply.req != request.req:
-                    continue  # the late reply of an earlier call that timed out
-                p.check_reply_kind(request, reply)
-                if isinstance(reply, p.ErrorReply):
-                    raise error_from_code(reply.code, reply.message)
-                return reply
+            return replies.call(request, timeout_s or self.client.config.timeout_s)
 
     def _close_sockets(self) -> None:
-        for sock, _ in self._sockets.values():
-            sock.close(0)
+        for replies, _ in self._sockets.values():
+            replies.sock.close(0)
         self._sockets = {}
         if self._ctx is not None:
             self._ctx.term()

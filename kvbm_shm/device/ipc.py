@@ -27,6 +27,7 @@ from .. import protocol as p
 from . import standin
 from ..errors import DeviceError
 from ..layout import dtype_name
+from ..names import parse_standin_name
 from ..shm import Segment
 from .view import TensorView  # noqa: F401 (re-exported: workers import it from here)
 
@@ -63,7 +64,8 @@ def export_tensors(tensors: Sequence) -> tuple[list[p.TensorHandle], Exports]:
                 memory = _export_memory(t, address, span, exports)
             except DeviceError as e:
                 raise DeviceError(f"KV tensor {i} ({tuple(shape)} {t.dtype}): {e}") from e
-            handles.append(p.TensorHandle(memory, list(shape), list(strides), dtype_name(t.dtype)))
+            handles.append(p.TensorHandle(memory=memory, shape=list(shape), strides=list(strides),
+                                          dtype=dtype_name(t.dtype)))
     except BaseException:
         exports.release()
         raise
@@ -76,19 +78,21 @@ def _export_memory(t, address: int, span: int, exports: Exports):
 
         if cuda_ipc.memory_kind(address) == "legacy":
             e = cuda_ipc.export_legacy(address)
-            return p.CudaIpcTensor(e.device_uuid, e.handle, e.alloc_bytes, e.offset)
+            return p.CudaIpcTensor(device_uuid=e.device_uuid, handle=e.handle, alloc_bytes=e.alloc_bytes, offset=e.offset)
         from .fd_passing import FdServer
 
         e = cuda_ipc.export_vmm(address, span)
         server = FdServer.shared()
         token = server.offer(e.fds)
         exports.fd_tokens.append(token)
-        return p.CudaVmmTensor(e.device_uuid, server.name, token, [p.VmmPiece(o, n) for o, n in e.pieces], e.offset)
+        return p.CudaVmmTensor(device_uuid=e.device_uuid, fd_socket=server.name, token=token,
+                               pieces=[p.VmmPiece(offset=o, size=n) for o, n in e.pieces], offset=e.offset)
     found = standin.locate(address, span)
     if found is None:
         raise DeviceError("this CPU tensor is not in shared memory, so a transfer worker cannot reach it: "
                           "create the engine's KV with standin.StandInKv, or use engine-driven mode")
-    return p.ShmTensor(*found)
+    segment, offset = found
+    return p.ShmTensor(segment=segment, offset=offset)
 
 
 def _is_cuda(t) -> bool:
@@ -158,7 +162,7 @@ def _key(mem) -> tuple:
 
 def _open(mem) -> _Mapping:
     if isinstance(mem, p.ShmTensor):
-        if not mem.segment.startswith("kvbm-") or "-dev-" not in mem.segment:
+        if parse_standin_name(mem.segment) is None:
             raise DeviceError(f"{mem.segment!r} is not a stand-in device segment")
         try:
             seg = Segment.attach(mem.segment)

@@ -11,7 +11,8 @@ and workers as on a GPU.
 - `reap_dead(instance)` (coordinator): unlink the segments whose creating process is gone, so an
   engine that crashed leaves nothing in /dev/shm.
 
-Segment names are `kvbm-<instance>-dev-<pid>-<n>`: the instance, the creator's pid and a counter.
+Segment names are `kvbm-<instance>-dev-<pid>-<n>` (`names.standin_name`): the instance, the
+creator's pid and a counter.
 Peers attach by name and only close. Stand-ins follow the ownership rules of every segment
 (`shm`): created 0600, attached only when they are our uid's, and `reap_dead` leaves another
 user's files alone.
@@ -26,6 +27,8 @@ import os
 from typing import Sequence
 
 from ..errors import ForeignError
+from ..names import parse_standin_name, standin_name
+from ..names import standin_prefix as segment_prefix  # the name the coordinator's device tier reads here
 from ..runtime import pid_alive
 from ..shm import PAGE, Segment, list_segments, round_up, unlink
 
@@ -33,10 +36,6 @@ log = logging.getLogger(__name__)
 
 _counter = itertools.count()
 _live: dict[str, "StandInKv"] = {}  # this process's stand-ins, by segment name
-
-
-def segment_prefix(instance: str) -> str:
-    return f"kvbm-{instance}-dev-"
 
 
 class StandInKv:
@@ -57,8 +56,8 @@ class StandInKv:
         offsets, size = [], 0
         for shape in shapes:
             offsets.append(size)
-            size = round_up(size + math.prod(shape) * item, PAGE)
-        name = f"{segment_prefix(instance)}{os.getpid()}-{next(_counter)}"
+            size = round_up(size + math.prod(shape) * item)
+        name = standin_name(instance, os.getpid(), next(_counter))
         segment = Segment.create(name, max(size, PAGE))
         try:
             tensors = [torch.frombuffer(segment.buf, dtype=dtype, count=math.prod(shape), offset=off).view(*shape)
@@ -101,10 +100,9 @@ def locate(address: int, nbytes: int) -> tuple[str, int] | None:
 def reap_dead(instance: str) -> list[str]:
     """Unlink the stand-in segments of `instance` whose creating process is not alive."""
     removed = []
-    prefix = segment_prefix(instance)
-    for name in list_segments(prefix):
-        pid_text = name[len(prefix):].split("-", 1)[0]
-        if not pid_text.isdigit() or pid_alive(int(pid_text)):
+    for name in list_segments(segment_prefix(instance)):
+        parsed = parse_standin_name(name)
+        if parsed is None or parsed[0] != instance or pid_alive(parsed[1]):
             continue
         try:
             if unlink(name):

@@ -1,7 +1,8 @@
 """The G3 block file format: one pre-allocated file per namespace, one self-describing slot per block.
 
 Shared by the coordinator (creates, sizes and scans files) and the NVMe I/O workers (write and
-read slots); it imports only `errors`, numpy and xxhash. Layout of a file:
+read slots); besides numpy and xxhash it takes only errors, ownership, the page constants of `shm`
+and the file names of `names`. Layout of a file:
 
     [file header: 4 KiB][slot 0][slot 1]...      slot i at FILE_HEADER_BYTES + i * slot_bytes
     slot = [slot header: 4 KiB][block bytes, padded to 4 KiB]
@@ -20,8 +21,8 @@ and, for its bytes, when their xxh3 matches on read: a torn write, a flipped bit
 file or a block of another namespace or format version is never served. There is no journal:
 the headers are the index, and the coordinator rebuilds it from them (`read_slot_headers`).
 
-The file name carries the format version (`g3-v<N>-<fingerprint>.blocks`), so a file of another
-version is never opened as this one.
+The file name carries the format version (`g3-v<N>-<fingerprint>.blocks`, `names.g3_file_name`),
+so a file of another version is never opened as this one.
 """
 
 from __future__ import annotations
@@ -36,15 +37,15 @@ import xxhash
 
 from .. import ownership
 from ..errors import CorruptionError
+from ..names import G3_PARTIAL_SUFFIX, g3_file_name
+from ..names import parse_g3_file_name as parse_file_name  # noqa: F401  (this format's files, by name)
+from ..shm import MAX_NAMESPACE_BYTES, PAGE, round_up
 
 FORMAT_VERSION = 1
-PAGE = 4096
 FILE_HEADER_BYTES = PAGE
 SLOT_HEADER_BYTES = PAGE
 FILE_MAGIC = b"KVBMG3FL"
 SLOT_MAGIC = b"KVBMG3BK"
-FILE_SUFFIX = ".blocks"
-MAX_NAMESPACE_BYTES = 2048
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # "the disk is full" in its forms
 
 FILE_HEADER_DTYPE = np.dtype([
@@ -82,10 +83,6 @@ _FILE_SUMMED = FILE_HEADER_DTYPE.fields["header_checksum"][1]
 assert SLOT_HEADER_DTYPE.itemsize <= SLOT_HEADER_BYTES and FILE_HEADER_DTYPE.itemsize <= FILE_HEADER_BYTES
 
 
-def round_up(n: int, to: int = PAGE) -> int:
-    return (n + to - 1) // to * to
-
-
 def slot_bytes_for(block_bytes: int) -> int:
     return SLOT_HEADER_BYTES + round_up(block_bytes)
 
@@ -103,18 +100,9 @@ def slots_for(budget_bytes: int, block_bytes: int) -> int:
     return max(0, (budget_bytes - FILE_HEADER_BYTES) // slot_bytes_for(block_bytes))
 
 
-def file_name(fingerprint: str, version: int = FORMAT_VERSION) -> str:
-    return f"g3-v{version}-{fingerprint}{FILE_SUFFIX}"
-
-
-def parse_file_name(name: str) -> tuple[int, str] | None:
-    """(format version, fingerprint) of a G3 file name, or None for any other file."""
-    if not (name.startswith("g3-v") and name.endswith(FILE_SUFFIX)):
-        return None
-    version, _, fingerprint = name[4:-len(FILE_SUFFIX)].partition("-")
-    if not version.isdigit() or len(fingerprint) != 32:
-        return None
-    return int(version), fingerprint
+def file_name(fingerprint: str) -> str:
+    """The block file name of a namespace in this format."""
+    return g3_file_name(fingerprint, FORMAT_VERSION)
 
 
 # ---------------------------------------------------------------- slot headers
@@ -190,7 +178,7 @@ class BlockFile:
         the disk cannot hold fail with ENOSPC."""
         if len(namespace) > MAX_NAMESPACE_BYTES:
             raise ValueError(f"namespace description is {len(namespace)} bytes, at most {MAX_NAMESPACE_BYTES}")
-        tmp = path.with_name(path.name + ".new")
+        tmp = path.with_name(path.name + G3_PARTIAL_SUFFIX)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             header = np.zeros((), FILE_HEADER_DTYPE)

@@ -31,13 +31,12 @@ from .. import ownership
 from ..config import ServiceConfig, default_disk_dir
 from ..errors import ConfigError, CorruptionError, ForeignError, KvbmError
 from ..layout import Namespace
+from ..names import G3_IO_LOCK_FILE, G3_LOCK_FILE, G3_PARTIAL_SUFFIX, G3_SUFFIX, parse_g3_file_name
 from . import format as g3
 from .index import G3Index
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = "g3.lock"
-IO_LOCK_FILE = "g3-io.lock"
 _OLD_WORKERS_WAIT_S = 10.0
 
 
@@ -72,7 +71,7 @@ class G3Store:
         self._config = config
         self.dir = open_disk_dir(config)
         self._lock_fd = self._claim()
-        self.io_lock_path = self.dir / IO_LOCK_FILE
+        self.io_lock_path = self.dir / G3_IO_LOCK_FILE
         try:
             self._wait_for_old_workers()
             self.indexes: dict[str, G3Index] = {}  # by namespace fingerprint, used by a pool or not
@@ -96,7 +95,7 @@ class G3Store:
         os.close(self._lock_fd)
 
     def _claim(self) -> int:
-        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.dir / G3_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -129,10 +128,10 @@ class G3Store:
         found = []
         for name in sorted(os.listdir(self.dir)):
             path = self.dir / name
-            if name.endswith(g3.FILE_SUFFIX + ".new"):  # a creation that never finished
+            if name.endswith(G3_SUFFIX + G3_PARTIAL_SUFFIX):  # a creation that never finished
                 path.unlink(missing_ok=True)
                 continue
-            parsed = g3.parse_file_name(name)
+            parsed = parse_g3_file_name(name)
             if parsed is None:
                 continue
             version, fp = parsed

@@ -35,13 +35,13 @@ from pathlib import Path
 
 import msgspec
 
-from .. import runtime, shm
+from .. import names, runtime, shm
 from ..errors import ErrorCode, ForeignError, KvbmError
 from . import node
 
 log = logging.getLogger(__name__)
 
-_RUNTIME_FILES = (runtime.INFO_FILE, runtime.INFO_FILE + ".tmp", runtime.CONTROL_SOCKET, runtime.EVENTS_SOCKET)
+_RUNTIME_FILES = (names.INFO_FILE, names.INFO_TMP_FILE, names.CONTROL_SOCKET, names.EVENTS_SOCKET)  # the lock goes last
 
 
 class Removed(msgspec.Struct):
@@ -138,7 +138,7 @@ def _clean(report: GcReport, instance: str, instance_dir: Path, seen: dict[str, 
         if had_dir:
             report.removed.extend(_runtime_removals(instance, instance_dir, dry_run=False))
         else:  # we made the directory only to hold the lock
-            os.unlink(instance_dir / runtime.LOCK_FILE)
+            os.unlink(instance_dir / names.LOCK_FILE)
     finally:
         os.close(lock_fd)
     try:
@@ -155,12 +155,12 @@ def _segment_removal(info: node.SegmentInfo) -> Removed:
 
 def _runtime_removals(instance: str, instance_dir: Path, dry_run: bool) -> list[Removed]:
     """The runtime file, socket files and (last) the lock file of a dead instance's directory."""
-    names = [n for n in sorted(os.listdir(instance_dir))
+    found = [n for n in sorted(os.listdir(instance_dir))
              if n in _RUNTIME_FILES or stat.S_ISSOCK(os.lstat(instance_dir / n).st_mode)]
-    if (instance_dir / runtime.LOCK_FILE).exists():
-        names.append(runtime.LOCK_FILE)
+    if (instance_dir / names.LOCK_FILE).exists():
+        found.append(names.LOCK_FILE)
     removed = []
-    for name in names:
+    for name in found:
         path = instance_dir / name
         if not dry_run:
             try:

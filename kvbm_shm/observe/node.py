@@ -27,22 +27,19 @@ instance named `a` does not claim `kvbm-a-b-pool-0`, which is instance `a-b`'s).
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import msgspec
 
-from .. import runtime
+from .. import names, runtime
 from ..config import check_instance
 from .. import ownership
 from ..errors import ConfigError, ForeignError, KvbmError
 from ..layout import Namespace
-from ..shm import HEADER_BYTES, POOL_MAGIC, SEGMENT_PREFIX, SHM_DIR, PoolSegment, list_segments
+from ..shm import HEADER_BYTES, POOL_MAGIC, SHM_DIR, PoolSegment, list_segments
 from . import procfs
 
-# how shm.pool_name names pool segments: f"kvbm-{instance}-pool-{pool_id}"
-POOL_NAME = re.compile(r"^kvbm-(?P<instance>[A-Za-z0-9_.-]{1,48})-pool-(?P<pool_id>\d+)$")
-_RUNTIME_FILES = (runtime.INFO_FILE, runtime.LOCK_FILE, runtime.CONTROL_SOCKET, runtime.EVENTS_SOCKET)
+_RUNTIME_FILES = (*names.RUNTIME_FILES, names.CONTROL_SOCKET, names.EVENTS_SOCKET)  # any of them: a runtime dir
 
 
 class SegmentInfo(msgspec.Struct, kw_only=True):
@@ -95,7 +92,7 @@ def read_segment(name: str) -> SegmentInfo:
     st = os.lstat(SHM_DIR / name)
     info = SegmentInfo(name=name, kind="other", size_bytes=st.st_size, uid=st.st_uid,
                        user=ownership.user_name(st.st_uid))
-    named = POOL_NAME.match(name)
+    named = names.parse_pool_name(name)
     try:
         seg = PoolSegment.attach(name, writable=False, populate=False)
     except FileNotFoundError:
@@ -103,7 +100,7 @@ def read_segment(name: str) -> SegmentInfo:
     except ForeignError as e:
         info.kind, info.error = "foreign", str(e)
         if named:
-            info.instance, info.pool_id = named["instance"], int(named["pool_id"])
+            info.instance, info.pool_id = named
         return info
     except (KvbmError, OSError) as e:
         if named:
@@ -112,7 +109,7 @@ def read_segment(name: str) -> SegmentInfo:
             if st.st_size >= HEADER_BYTES and _blank_header(name):
                 info.error = (f"segment {name}: header not written yet "
                               "(the pool is being created, or its creator died first)")
-            info.instance, info.pool_id = named["instance"], int(named["pool_id"])
+            info.instance, info.pool_id = named
         return info
     try:
         _fill_from_header(info, seg)
@@ -194,13 +191,13 @@ def _cannot_read(unreadable: list[Unreadable] | None, path: Path, e: OSError) ->
 
 def lock_holder(instance_dir: Path) -> int | None:
     """The pid holding the instance lock: the live coordinator (or a `gc` cleaning it)."""
-    return procfs.flock_holder(Path(instance_dir) / runtime.LOCK_FILE)
+    return procfs.flock_holder(Path(instance_dir) / names.LOCK_FILE)
 
 
 def instance_segments(instance: str) -> list[str]:
     """Names of the segments that belong to `instance` (header first, pool name as fallback)."""
     out = []
-    for name in list_segments(f"{SEGMENT_PREFIX}{instance}-"):
+    for name in list_segments(names.instance_prefix(instance)):
         try:
             info = read_segment(name)
         except FileNotFoundError:
@@ -241,7 +238,7 @@ def scan(runtime_root: Path, with_mappers: bool = True) -> NodeView:
         except ConfigError:
             info = None
         except OSError as e:
-            _cannot_read(unreadable, path / runtime.INFO_FILE, e)
+            _cannot_read(unreadable, path / names.INFO_FILE, e)
             info = None
         if info is not None:
             last_pid[name] = info.pid

@@ -42,7 +42,7 @@ def serve_jobs(endpoint: str, name: str, job_type, handle: Callable[[p._Job], p.
     sock.setsockopt(zmq.SNDTIMEO, 1000)  # a DEALER whose peer died would block in send forever
     sock.connect(endpoint)
     try:
-        sock.send_multipart(p.encode(p.WorkerReady(name, os.getpid())))
+        sock.send_multipart(p.encode(p.WorkerReady(name=name, pid=os.getpid())))
         while not stop and os.getppid() == coordinator_pid:
             if not sock.poll(200):
                 continue
@@ -56,7 +56,7 @@ def serve_jobs(endpoint: str, name: str, job_type, handle: Callable[[p._Job], p.
                 done = handle(job)
             except Exception as e:
                 log.exception("worker %s: job %d failed", name, job.job_id)
-                done = p.JobDone(job.job_id, False, f"{type(e).__name__}: {e}")
+                done = p.JobDone(job_id=job.job_id, ok=False, error=f"{type(e).__name__}: {e}")
             sock.send_multipart(p.encode(done))
     except zmq.Again:
         log.warning("worker %s: the coordinator is gone (a send timed out)", name)

@@ -148,7 +148,8 @@ class DiskIo:
             kinds = sorted(errno.errorcode.get(e, str(e)) for e in first)
             error = f"{len(failed)} of {n} blocks failed ({', '.join(kinds)})"
         checksums = [c for _, _, c in results] if isinstance(job, p.DiskWrite) else []
-        return p.JobDone(job.job_id, not failed, error, failed, (n - len(failed)) * seg.block_bytes, checksums, errnos)
+        return p.JobDone(job_id=job.job_id, ok=not failed, error=error, failed=failed,
+                         nbytes=(n - len(failed)) * seg.block_bytes, checksums=checksums, errnos=errnos)
 
     def _header_pages(self, n: int) -> mmap.mmap:
         """Page-aligned room for n slot headers (O_DIRECT needs aligned buffers), reused across

@@ -105,16 +105,16 @@ class TransferWorker:
             if device is not None:
                 device.close()
                 log.info("closed device %d", job.device_id)
-            return p.JobDone(job.job_id, True)
+            return p.JobDone(job_id=job.job_id, ok=True)
         device = self._device(job.device)
         pool = self._pool(job.pool_segment, job.segment_id)
         if job.offload:
             checksums, nbytes = self._offload(device, pool, job.device_block_ids, job.g2_block_ids)
-            return p.JobDone(job.job_id, True, nbytes=nbytes, checksums=checksums)
+            return p.JobDone(job_id=job.job_id, ok=True, nbytes=nbytes, checksums=checksums)
         failed, nbytes = self._onboard(device, pool, job.device_block_ids, job.g2_block_ids, job.checksums)
         if failed:
             log.warning("onboard job %d: %d block(s) failed their checksum", job.job_id, len(failed))
-        return p.JobDone(job.job_id, True, failed=failed, nbytes=nbytes)
+        return p.JobDone(job_id=job.job_id, ok=True, failed=failed, nbytes=nbytes)
 
     def close(self) -> None:
         for device in self.devices.values():

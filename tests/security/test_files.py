@@ -33,7 +33,8 @@ from kvbm_shm.config import ClientConfig, ServiceConfig
 from kvbm_shm.errors import ConfigError, ErrorCode, ForeignError
 from kvbm_shm.kernels.cpu_copy import checksum
 from kvbm_shm.ownership import user_name
-from kvbm_shm.shm import HEADER_DTYPE, RECORD_DTYPE, SHM_DIR, BlockState, Segment, pool_name, unlink
+from kvbm_shm.names import pool_name
+from kvbm_shm.shm import HEADER_DTYPE, RECORD_DTYPE, SHM_DIR, BlockState, Segment, unlink
 
 from .. import engine
 from ..procs import CoordinatorProcess
