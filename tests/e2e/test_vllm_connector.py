@@ -20,7 +20,7 @@ pytest.importorskip("vllm")
 
 from kvbm_shm.hashing import salt_for, sequence_hashes
 from kvbm_shm.shm import BlockState, PoolSegment
-from tests.engines.tiny_llama import prompt_token_ids
+from tests.engines.tiny_llama import build_lora_dir, prompt_token_ids
 from tests.engines.vllm_runner import EngineProcess, EngineSpec, Prompt, hf_greedy
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
@@ -59,8 +59,8 @@ def registered_hashes(coordinator) -> set[bytes]:
     return {bytes(r["hash"]) for r in records if r["state"] == BlockState.REGISTERED}
 
 
-def prefix_hashes(cache_salt: str | None = None) -> list[bytes]:
-    return sequence_hashes(PREFIX, BLOCK, salt_for(cache_salt, None))
+def prefix_hashes(cache_salt: str | None = None, lora_name: str | None = None) -> list[bytes]:
+    return sequence_hashes(PREFIX, BLOCK, salt_for(cache_salt, lora_name))
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +162,58 @@ def test_cache_salt_isolates_engines(tiny_model_dir, coordinator, expected):
     assert other.num_cached_tokens == 0
     assert same.num_cached_tokens == 2 * BLOCK
     assert other.token_ids == same.token_ids == expected[PROMPT_B]
+
+
+def test_generated_text_depends_on_the_loaded_kv(tiny_model_dir, coordinator, expected):
+    """Verification off (`verify_checksums: false`), vLLM's prefix cache off: one engine serves the
+    same prompt from the service three times while the prefix blocks' bytes in shm are the
+    stored ones, then altered, then restored. The output follows the bytes: a connector that
+    claimed the hit but loaded nothing (vLLM's blocks fresh, or stale from the request before)
+    would give the same output every time."""
+    with EngineProcess(EngineSpec(tiny_model_dir, kv_transfer_config=connector_config(coordinator))) as a:
+        a.generate([Prompt(PROMPT_A)], MAX_TOKENS)
+    name, records = pool_records(coordinator)
+    block_ids = [int(np.flatnonzero(records["hash"] == np.void(h))[0]) for h in prefix_hashes()]
+
+    unverified = connector_config(coordinator, verify_checksums=False)
+    seg = PoolSegment.attach(name)
+    try:
+        stored = [seg.block(b).copy() for b in block_ids]
+        with EngineProcess(EngineSpec(tiny_model_dir, kv_transfer_config=unverified,
+                                      enable_prefix_caching=False)) as b:
+            (original,) = b.generate([Prompt(PROMPT_B)], MAX_TOKENS).requests
+            for block_id in block_ids:
+                data = seg.block(block_id).view(np.float32)
+                data[:] = np.random.default_rng(block_id).standard_normal(data.shape, np.float32) * 3
+            (altered,) = b.generate([Prompt(PROMPT_B)], MAX_TOKENS).requests
+            for block_id, data in zip(block_ids, stored):
+                seg.block(block_id)[:] = data
+            (restored,) = b.generate([Prompt(PROMPT_B)], MAX_TOKENS).requests
+    finally:
+        seg.close()
+
+    assert [r.num_cached_tokens for r in (original, altered, restored)] == [2 * BLOCK] * 3
+    assert original.token_ids == restored.token_ids == expected[PROMPT_B]
+    assert altered.token_ids != expected[PROMPT_B]
+
+
+def test_lora_adapters_never_share_blocks(tiny_model_dir, coordinator, tmp_path):
+    lora_a = ("adapter-a", 1, str(build_lora_dir(tmp_path / "a", tiny_model_dir, seed=1)))
+    lora_b = ("adapter-b", 2, str(build_lora_dir(tmp_path / "b", tiny_model_dir, seed=2)))
+    hashes_a, hashes_b = prefix_hashes(lora_name="adapter-a"), prefix_hashes(lora_name="adapter-b")
+    assert not set(hashes_a) & (set(hashes_b) | set(prefix_hashes()))  # the salts differ
+    kv = connector_config(coordinator)
+    with EngineProcess(EngineSpec(tiny_model_dir, kv_transfer_config=kv, enable_lora=True)) as a:
+        (ra,) = a.generate([Prompt(PROMPT_A, lora=lora_a)], MAX_TOKENS).requests
+    assert ra.num_cached_tokens == 0
+    assert registered_hashes(coordinator) == set(hashes_a)
+
+    # vLLM's prefix cache off: every hit in B comes from the service
+    spec_b = EngineSpec(tiny_model_dir, kv_transfer_config=kv, enable_lora=True, enable_prefix_caching=False)
+    with EngineProcess(spec_b) as b:
+        (other,) = b.generate([Prompt(PROMPT_B, lora=lora_b)], MAX_TOKENS).requests
+        (base,) = b.generate([Prompt(PROMPT_B)], MAX_TOKENS).requests
+        (same,) = b.generate([Prompt(PROMPT_B, lora=lora_a)], MAX_TOKENS).requests
+    assert (other.num_cached_tokens, base.num_cached_tokens, same.num_cached_tokens) == (0, 0, 2 * BLOCK)
+    assert registered_hashes(coordinator) == set(hashes_a) | set(hashes_b) | set(prefix_hashes())
+    assert other.token_ids != same.token_ids  # the adapters do change the output
