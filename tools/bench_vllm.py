@@ -2,7 +2,7 @@
 
 Runs in the vLLM environment (`tools/setup_vllm_env.sh .venv-vllm`), from the repository root:
 
-    .venv-vllm/bin/python tools/bench_vllm.py [--prefix-tokens 2048] [--trials 15] [--json]
+    .venv-vllm/bin/python tools/bench_vllm.py [--prefix-tokens 2048] [--trials 15] [--reserved-cpus 1] [--json]
 
 It builds the "bench" Llama locally (prefill dominates a request), starts its own coordinator,
 and measures time to first token (one greedy token, `LLM.generate` wall time) of prompts
@@ -17,9 +17,10 @@ and measures time to first token (one greedy token, `LLM.generate` wall time) of
     own prefix cache hit     the same prompt again in the same engine: vLLM's own prefix cache
                              has it now, the ideal a hit approaches; target hit <= 1.3 x this
 
-Like with like: every engine runs with the same `VLLM_CPU_NUM_OF_RESERVED_CPU` (vLLM CPU
-otherwise reserves one more core for an engine with a KV connector, so on a small machine the
-engines without and with the connector would compute on different cores), the hit and its own
+Like with like: every engine runs with the same `VLLM_CPU_NUM_OF_RESERVED_CPU` (a multi-process
+vLLM CPU server reserves one more core for an engine with a KV connector, so on a small machine
+engines without and with the connector would compute on different cores; the in-process engines
+here bind no cores, and the setting keeps them alike if that changes), the hit and its own
 prefix-cache hit are the same prompt in the same engine, one right after the other, and the
 "connector" and "no connector" engines run side by side with the miss trials alternating between
 them. The headline ratios (`hit_vs_own_prefix_cache`, `miss_vs_no_connector`) are medians of the
