@@ -405,6 +405,13 @@ class Client(_Core):
     def stats(self) -> p.StatsReply:
         return self._drive(lambda: self._simple_step(p.Stats(req=0)))
 
+    def clear(self, pool: Pool | None = None, model: str = "") -> int:
+        """Drop every cached (G2) block of `pool`, or of every pool of the instance whose model
+        contains `model` (all pools by default); returns how many blocks were dropped."""
+        reply = self._drive(lambda: self._simple_step(p.Clear(
+            req=0, lease=self.lease, pool_id=-1 if pool is None else pool.pool_id, model=model)))
+        return reply.count
+
     def request(self, request: p._Request) -> p.Reply:
         """Send one raw protocol request (its `req` is replaced); returns the reply or raises.
         Not retried after a lost lease (the request names the old lease token), and not

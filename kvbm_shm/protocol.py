@@ -428,12 +428,26 @@ class TransfersReply(_Reply, tag="transfers"):
 Request = Union[Request, RegisterDevice, UnregisterDevice, Offload, Onboard, WaitTransfers]
 Reply = Union[Reply, DeviceReply, TransferReply, TransfersReply]
 
+
+class Clear(_Request, tag="clear"):
+    """Empty a cache: drop every Registered block of pool `pool_id`, or (`pool_id` -1) of every
+    pool of the instance whose model contains `model` ("" matches every pool). A pinned block is
+    dropped when its last pin goes, as with `Invalidate`; every drop is a `BlockRemoved` event.
+    G2 only: the disk tier keeps its copies. The reply's count: blocks dropped."""
+
+    lease: LeaseToken
+    pool_id: int = -1
+    model: ShortStr = ""
+
+
+Request = Union[Request, Clear]
+
 # The reply each request gets when it succeeds (besides an ErrorReply).
 REPLY_TO = {
     Hello: HelloReply, RegisterLayout: PoolReply, Lookup: LookupReply, Allocate: AllocateReply, Commit: OkReply,
     Release: OkReply, Free: OkReply, Touch: OkReply, Invalidate: OkReply, Cancel: OkReply, Heartbeat: OkReply,
     Goodbye: OkReply, Stats: StatsReply, RegisterDevice: DeviceReply, UnregisterDevice: OkReply,
-    Offload: TransferReply, Onboard: TransferReply, WaitTransfers: TransfersReply,
+    Offload: TransferReply, Onboard: TransferReply, WaitTransfers: TransfersReply, Clear: OkReply,
 }
 assert set(REPLY_TO) == set(Request.__args__)
 

@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     orphans = [s for s in view.segments if s.orphan]
     if orphans:
         print(f"\n{len(orphans)} orphaned segment(s), "
-              f"{common.human_bytes(sum(s.size_bytes for s in orphans))}: `kvbm-shm gc` removes them")
+              f"{common.human_bytes(sum(s.size_bytes for s in orphans))}: restarting their instance's coordinator "
+              f"adopts their cached blocks; `kvbm-shm gc` removes them (and the cache with them)")
     return 0
 
 

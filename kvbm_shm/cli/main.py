@@ -8,9 +8,9 @@ import sys
 from .. import __version__
 from ..errors import KvbmError
 from ..protocol import PROTOCOL_VERSION
-from . import events, gc, inspect, ls, serve, top
+from . import clear, events, gc, inspect, ls, serve, top
 
-SUBCOMMANDS = (serve, ls, inspect, top, events, gc)
+SUBCOMMANDS = (serve, ls, inspect, top, events, gc, clear)
 
 
 def build_parser() -> argparse.ArgumentParser:

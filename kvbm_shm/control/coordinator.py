@@ -82,6 +82,7 @@ class Coordinator:
             p.Allocate: self._allocate, p.Commit: self._commit, p.Release: self._release,
             p.Free: self._free, p.Touch: self._touch, p.Invalidate: self._invalidate, p.Cancel: self._cancel,
             p.Heartbeat: self._heartbeat, p.Goodbye: self._goodbye, p.Stats: self._stats,
+            p.Clear: self._clear,
         }
         self.add_tier(DeviceTier(instance=config.instance, leases=self.leases, pool_of=self._pool, store=self,
                                  workers=functools.partial(self.workers.get, devices.WORKER_KIND),
@@ -397,6 +398,15 @@ class Coordinator:
             n = len(ids)
         log.info("client %d (%s) gave up on request %d: %d block(s) %s", lease.client_id, lease.name, m.target, n,
                  "unpinned" if held.pinned else "freed")
+        return p.OkReply(req=m.req, count=n)
+
+    def _clear(self, m: p.Clear) -> p.Reply:
+        """Drop every Registered block of one pool, or of each pool whose model contains `m.model`."""
+        lease = self.leases.get(m.lease)
+        pools = [self._pool(m.pool_id)] if m.pool_id >= 0 else [q for q in self.pools.values() if m.model in q.model]
+        n = sum(pool.invalidate(list(pool.registry.values())) for pool in pools)
+        self.counters["cleared_blocks"] += n
+        log.info("client %d (%s) cleared %d block(s) from %d pool(s)", lease.client_id, lease.name, n, len(pools))
         return p.OkReply(req=m.req, count=n)
 
     def _heartbeat(self, m: p.Heartbeat) -> p.Reply:

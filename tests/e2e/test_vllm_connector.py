@@ -20,8 +20,9 @@ pytest.importorskip("vllm")
 
 from kvbm_shm.hashing import salt_for, sequence_hashes
 from kvbm_shm.shm import BlockState, PoolSegment
-from tests.engines.tiny_llama import prompt_token_ids
+from tests.engines.tiny_llama import build_lora_dir, prompt_token_ids
 from tests.engines.vllm_runner import EngineProcess, EngineSpec, Prompt, hf_greedy
+from tests.procs import wait_for
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -59,8 +60,8 @@ def registered_hashes(coordinator) -> set[bytes]:
     return {bytes(r["hash"]) for r in records if r["state"] == BlockState.REGISTERED}
 
 
-def prefix_hashes(cache_salt: str | None = None) -> list[bytes]:
-    return sequence_hashes(PREFIX, BLOCK, salt_for(cache_salt, None))
+def prefix_hashes(cache_salt: str | None = None, lora_name: str | None = None) -> list[bytes]:
+    return sequence_hashes(PREFIX, BLOCK, salt_for(cache_salt, lora_name))
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +163,57 @@ def test_cache_salt_isolates_engines(tiny_model_dir, coordinator, expected):
     assert other.num_cached_tokens == 0
     assert same.num_cached_tokens == 2 * BLOCK
     assert other.token_ids == same.token_ids == expected[PROMPT_B]
+
+
+def test_generated_text_depends_on_the_loaded_kv(tiny_model_dir, coordinator, expected):
+    """Verification off (`verify_checksums: false`), vLLM's prefix cache off: one engine serves the
+    same prompt from the service three times while the prefix blocks' bytes in shm are the
+    stored ones, then altered, then restored. The output follows the bytes: a connector that
+    claimed the hit but loaded nothing (vLLM's blocks fresh, or stale from the request before)
+    would give the same output every time."""
+    unverified = connector_config(coordinator, verify_checksums=False)
+    with EngineProcess(EngineSpec(tiny_model_dir, kv_transfer_config=unverified, enable_prefix_caching=False)) as engine:
+        engine.generate([Prompt(PROMPT_A)], MAX_TOKENS)  # stores the prefix
+        wait_for(lambda: registered_hashes(coordinator) >= set(prefix_hashes()), 30, "the prefix stored")
+        name, records = pool_records(coordinator)
+        block_ids = [int(np.flatnonzero(records["hash"] == np.void(h))[0]) for h in prefix_hashes()]
+        seg = PoolSegment.attach(name)
+        try:
+            stored = [seg.block(b).copy() for b in block_ids]
+            (original,) = engine.generate([Prompt(PROMPT_B)], MAX_TOKENS).requests
+            for block_id in block_ids:
+                data = seg.block(block_id).view(np.float32)
+                data[:] = np.random.default_rng(block_id).standard_normal(data.shape, np.float32) * 3
+            (altered,) = engine.generate([Prompt(PROMPT_B)], MAX_TOKENS).requests
+            for block_id, data in zip(block_ids, stored):
+                seg.block(block_id)[:] = data
+            (restored,) = engine.generate([Prompt(PROMPT_B)], MAX_TOKENS).requests
+        finally:
+            seg.close()
+
+    assert [r.num_cached_tokens for r in (original, altered, restored)] == [2 * BLOCK] * 3
+    assert original.token_ids == restored.token_ids == expected[PROMPT_B]
+    assert altered.token_ids != expected[PROMPT_B]
+
+
+def test_lora_adapters_never_share_blocks(tiny_model_dir, coordinator, tmp_path):
+    """One prompt under two adapters and none, in an engine whose own prefix cache is off, so
+    that every hit comes from the service: only the adapter that stored the prefix finds it."""
+    lora_a = ("adapter-a", 1, str(build_lora_dir(tmp_path / "a", tiny_model_dir, seed=1)))
+    lora_b = ("adapter-b", 2, str(build_lora_dir(tmp_path / "b", tiny_model_dir, seed=2)))
+    hashes_a, hashes_b = prefix_hashes(lora_name="adapter-a"), prefix_hashes(lora_name="adapter-b")
+    assert not set(hashes_a) & (set(hashes_b) | set(prefix_hashes()))  # the salts differ
+
+    spec = EngineSpec(tiny_model_dir, kv_transfer_config=connector_config(coordinator), enable_lora=True,
+                      enable_prefix_caching=False)
+    with EngineProcess(spec) as engine:
+        (first,) = engine.generate([Prompt(PROMPT_A, lora=lora_a)], MAX_TOKENS).requests
+        wait_for(lambda: registered_hashes(coordinator) == set(hashes_a), 30, "adapter a's prefix stored")
+        (other,) = engine.generate([Prompt(PROMPT_B, lora=lora_b)], MAX_TOKENS).requests
+        (base,) = engine.generate([Prompt(PROMPT_B)], MAX_TOKENS).requests
+        (same,) = engine.generate([Prompt(PROMPT_B, lora=lora_a)], MAX_TOKENS).requests
+    assert (first.num_cached_tokens, other.num_cached_tokens, base.num_cached_tokens) == (0, 0, 0)
+    assert same.num_cached_tokens == 2 * BLOCK
+    assert wait_for(lambda: registered_hashes(coordinator) == set(hashes_a) | set(hashes_b) | set(prefix_hashes()),
+                    30, "each adapter's prefix stored under its own hashes")
+    assert other.token_ids != same.token_ids  # the adapters do change the output

@@ -79,8 +79,7 @@ def test_hit_load_store_and_decode_blocks():
     side.after_alloc(req, [7, 8, 9], 2 * BLOCK)
     meta = side.build_meta(step(new=[("r1", [7, 8, 9], 2 * BLOCK, 44)]))
     assert meta.loads == [BlockTransfer("r1", HASHES, [7, 8])]
-    # every full block is offered once, loaded ones too: the service deduplicates
-    assert meta.stores == [BlockTransfer("r1", HASHES, [7, 8])]
+    assert meta.stores == []  # the loaded blocks are in the service: not offered back
     assert not meta.flush_stores
 
     # decode until the third block fills: it is offered in the step that computes its last token
@@ -105,6 +104,27 @@ def test_failed_load_is_offered_again_after_recompute():
     side.blocks_invalid({8})  # block 1 did not load; vLLM recomputes from token 128
     meta = side.build_meta(step(cached=[("r1", None, BLOCK, 2 * BLOCK + 44 - BLOCK)]))
     assert meta.stores == [BlockTransfer("r1", HASHES[1:], [8])]
+    assert side.finished(req) is True
+
+
+def test_own_prefix_blocks_are_offered_loaded_ones_are_not():
+    link = FakeLink(stored=HASHES[1:2])
+    side = SchedulerSide(link, BLOCK)
+    req = FakeRequest("r1", PROMPT)
+    assert side.num_new_matched_tokens(req, BLOCK) == BLOCK  # vLLM has block 0, the service block 1
+    side.after_alloc(req, [7, 8, 9], BLOCK)
+    meta = side.build_meta(step(new=[("r1", [7, 8, 9], 2 * BLOCK, 44)]))
+    assert meta.loads == [BlockTransfer("r1", HASHES[1:], [8])]
+    assert meta.stores == [BlockTransfer("r1", HASHES[:1], [7])]
+    assert side.finished(req) is True
+
+    all_loaded = FakeRequest("r2", PROMPT)
+    link.stored = set(HASHES)
+    assert side.num_new_matched_tokens(all_loaded, 0) == 2 * BLOCK
+    side.after_alloc(all_loaded, [4, 5, 6], 2 * BLOCK)
+    meta = side.build_meta(step(new=[("r2", [4, 5, 6], 2 * BLOCK, 44)]))
+    assert meta.stores == []
+    assert side.finished(all_loaded) is False  # nothing handed out: vLLM may free its blocks at once
 
 
 def test_miss_salt_down_and_nothing_to_store():

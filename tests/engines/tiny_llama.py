@@ -12,6 +12,10 @@ Primitives:
     float32) and a byte-level BPE tokenizer trained on generated text into ``path`` with
     ``save_pretrained``. Both HF transformers and vLLM load the directory. Returns ``path``.
     Same ``size`` and ``seed`` give the same weights in any process.
+  - ``build_lora_dir(path, model_dir, size="tiny", seed=0)``: writes a PEFT LoRA adapter (rank 8
+    on every layer's q_proj and v_proj, random weights from ``seed``, large enough to change the
+    output) by hand (``adapter_config.json`` + ``adapter_model.safetensors``), so no peft package
+    is needed. Returns ``path``.
   - ``prompt_token_ids(num_tokens, seed)``: a reproducible prompt as token ids, avoiding the
     special tokens, so tests can place block boundaries exactly.
 
@@ -122,6 +126,32 @@ def build_model_dir(path: str | os.PathLike, size: str = "tiny", seed: int = 0) 
     model.save_pretrained(path, safe_serialization=True)
     _build_tokenizer(seed).save_pretrained(path)
     marker_path.write_text(json.dumps(marker))
+    return path
+
+
+LORA_RANK = 8
+
+
+def build_lora_dir(path: str | os.PathLike, model_dir: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    shape = SIZES[size]
+    outputs = {"q_proj": shape.num_attention_heads * shape.head_dim, "v_proj": shape.num_key_value_heads * shape.head_dim}
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for layer in range(shape.num_hidden_layers):
+        for module, out in outputs.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            weights[f"{prefix}.lora_A.weight"] = torch.randn(LORA_RANK, shape.hidden_size, generator=g) * 0.2
+            weights[f"{prefix}.lora_B.weight"] = torch.randn(out, LORA_RANK, generator=g) * 0.2
+    save_file(weights, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model_dir),
+        "r": LORA_RANK, "lora_alpha": 2 * LORA_RANK, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted(outputs), "fan_in_fan_out": False, "inference_mode": True}))
     return path
 
 

@@ -7,11 +7,11 @@ parent can act between two ``generate`` calls (kill the service, corrupt a block
 imports kvbm_shm; a connector under test is named through ``EngineSpec.kv_transfer_config``.
 
 Primitives:
-  - ``Prompt(token_ids, cache_salt=None)``: one request, given as token ids so tests place block
-    boundaries exactly.
+  - ``Prompt(token_ids, cache_salt=None, lora=None)``: one request, given as token ids so tests
+    place block boundaries exactly; ``lora`` is ``(name, int_id, adapter_dir)`` of a LoRA adapter.
   - ``EngineSpec``: what engine to start: model directory, KV transfer config (a plain dict, as
-    ``LLM(kv_transfer_config=...)`` takes it), vLLM's own prefix caching on or off, extra
-    environment variables for the child.
+    ``LLM(kv_transfer_config=...)`` takes it), vLLM's own prefix caching on or off, LoRA on or
+    off, extra environment variables for the child.
   - ``EngineProcess(spec, timeout_s)``: a context manager. Entering starts the child and waits
     until the engine is up (``start_s``: the ``LLM(...)`` construction); ``generate(prompts,
     max_tokens)`` serves one batch with one greedy ``LLM.generate`` call and returns an
@@ -50,6 +50,7 @@ ENGINE_ENV = {
 class Prompt:
     token_ids: tuple[int, ...]
     cache_salt: str | None = None
+    lora: tuple[str, int, str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,7 @@ class EngineSpec:
     kv_transfer_config: dict[str, Any] | None = None
     enable_prefix_caching: bool = True
     max_model_len: int = 4096
+    enable_lora: bool = False
     env: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
@@ -84,6 +86,7 @@ def _engine_main(spec: EngineSpec, conn) -> None:
         os.environ.update(ENGINE_ENV)
         os.environ.update(spec.env)
         from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
 
         t0 = time.perf_counter()
         llm = LLM(
@@ -94,6 +97,7 @@ def _engine_main(spec: EngineSpec, conn) -> None:
             enable_prefix_caching=spec.enable_prefix_caching,
             kv_transfer_config=spec.kv_transfer_config,
             seed=0,
+            **({"enable_lora": True, "max_lora_rank": 8, "max_loras": 2} if spec.enable_lora else {}),
         )
         conn.send(("ok", time.perf_counter() - t0))
         while True:
@@ -108,8 +112,9 @@ def _engine_main(spec: EngineSpec, conn) -> None:
                 if p.cache_salt is not None:
                     prompt["cache_salt"] = p.cache_salt
                 inputs.append(prompt)
+            loras = [None if p.lora is None else LoRARequest(*p.lora) for p in prompts]
             t0 = time.perf_counter()
-            outputs = llm.generate(inputs, params, use_tqdm=False)
+            outputs = llm.generate(inputs, params, use_tqdm=False, lora_request=loras if any(loras) else None)
             elapsed = time.perf_counter() - t0
             conn.send(("ok", EngineResult(
                 tuple(RequestResult(tuple(o.outputs[0].token_ids), int(o.num_cached_tokens or 0))

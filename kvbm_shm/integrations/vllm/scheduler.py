@@ -15,9 +15,10 @@ Primitives (`SchedulerSide`):
   device blocks the worker must fill.
 - `build_meta(scheduler_output)`: the loads recorded since the last step, and for every scheduled
   request the full blocks this step completes (computed + scheduled tokens). Every full block is
-  offered once, whether vLLM computed it, took it from its own prefix cache or loaded it: the
-  service deduplicates, so a block lost from the service (eviction, a corrupted copy, a restart)
-  is stored again by the next engine that has it.
+  offered once, whether vLLM computed it or took it from its own prefix cache (the service
+  deduplicates, so a block lost from the service, by eviction, a corrupted copy or a restart, is
+  stored again by the next engine that has it), except the blocks just loaded from the service:
+  they are there, and offering them would cost a store round trip during the hit's forward.
 - `blocks_invalid(block_ids)`: the worker could not load these blocks; the requests holding them
   offer them again from there once vLLM has recomputed them.
 - `finished(request)`: whether stores were handed to the worker for it; vLLM then keeps the
@@ -60,7 +61,9 @@ class _Tracked:
     request: object  # vllm.v1.request.Request
     hashes: list[bytes]  # of the leading full blocks hashed so far
     block_ids: list[int] = dataclasses.field(default_factory=list)
-    num_offered: int = 0  # leading blocks already handed to the worker to store
+    num_offered: int = 0  # leading blocks already handed to the worker to store (or skipped)
+    loaded: range = range(0)  # blocks loaded from the service: not offered back to it
+    stored: bool = False  # some store was handed to the worker
 
 
 def _salt(request) -> bytes:
@@ -112,6 +115,7 @@ class SchedulerSide:
             return
         n = num_external_tokens // self.block_size
         hashes = self._hashes(request, first + n, tracked.hashes)
+        tracked.loaded = range(first, first + n)
         self._loads.append(BlockTransfer(req_id, hashes[first:], list(block_ids[first:first + n])))
 
     def build_meta(self, scheduler_output):
@@ -143,9 +147,12 @@ class SchedulerSide:
         if full <= tracked.num_offered or request.prompt_token_ids is None:
             return
         hashes = self._hashes(request, full, tracked.hashes)
-        first = tracked.num_offered
-        meta.stores.append(BlockTransfer(req_id, hashes[first:full], tracked.block_ids[first:full]))
+        offered = [i for i in range(tracked.num_offered, full) if i not in tracked.loaded]
         tracked.num_offered = full
+        if offered:
+            meta.stores.append(BlockTransfer(req_id, [hashes[i] for i in offered],
+                                             [tracked.block_ids[i] for i in offered]))
+            tracked.stored = True
 
     def blocks_invalid(self, block_ids: set[int]) -> None:
         """Loads of these vLLM blocks failed: offer them again once vLLM has recomputed them."""
@@ -153,10 +160,11 @@ class SchedulerSide:
             for i, b in enumerate(tracked.block_ids[:tracked.num_offered]):
                 if b in block_ids:
                     tracked.num_offered = i
+                    tracked.loaded = range(0)
                     break
 
     def finished(self, request) -> bool:
         self._matched_from.pop(request.request_id, None)
         tracked = self._tracked.pop(request.request_id, None)
-        return tracked is not None and tracked.num_offered > 0
+        return tracked is not None and tracked.stored
 
