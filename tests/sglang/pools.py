@@ -15,13 +15,16 @@ import torch
 
 warnings.simplefilter("ignore")  # SGLang warns at import about GPU-only features
 
-from sglang.srt.mem_cache.device_pool_info import KVBufferLayout, KVBuffers, MHABufferInfo  # noqa: E402
+from sglang.srt.mem_cache.device_pool_info import KVBufferLayout, KVBuffers, MHABufferInfo, MLABufferInfo  # noqa: E402
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig  # noqa: E402
 from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost  # noqa: E402
+from sglang.srt.mem_cache.pool_host.mla import MLATokenToKVPoolHost  # noqa: E402
 from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory  # noqa: E402
 
 LAYERS, HEADS, HEAD_DIM, PAGE, DEVICE_TOKENS = 2, 2, 8, 4, 64
 MHA_LAYOUTS = ("layer_first", "page_first", "page_first_direct", "page_head")
+MLA_LAYOUTS = ("layer_first", "page_first", "page_first_direct")
+MLA_LORA_RANK, MLA_ROPE_DIM = 16, 8
 BACKEND = {"backend_name": "kvbm_shm", "module_path": "kvbm_shm.integrations.sglang",
            "class_name": "KvbmShmStorage", "interface_v1": 1}
 
@@ -43,11 +46,24 @@ def host_pool(layout: str, dtype=torch.float32) -> MHATokenToKVPoolHost:
     return pool
 
 
+def mla_host_pool(layout: str, dtype=torch.float32) -> MLATokenToKVPoolHost:
+    dim = MLA_LORA_RANK + MLA_ROPE_DIM
+    rows = tuple(torch.zeros(DEVICE_TOKENS, 1, dim, dtype=dtype) for _ in range(LAYERS))
+    info = MLABufferInfo(buffers=rows, data_ptrs=_ptrs(rows), layer_indices=tuple(range(LAYERS)),
+                         device_layer_num=LAYERS, page_size=PAGE, kv_lora_rank=MLA_LORA_RANK,
+                         qk_rope_head_dim=MLA_ROPE_DIM, kv_cache_dim=dim, dtype=dtype, device=torch.device("cpu"))
+    pool = MLATokenToKVPoolHost(info, 2.0, 0, PAGE, layout, pin_memory=False, device="cpu",
+                                device_capacity_tokens=DEVICE_TOKENS, start_layer=0, end_layer=LAYERS,
+                                target_layer_num=LAYERS)
+    pool.device_rows = rows
+    return pool
+
+
 def storage_config(instance: str, runtime_dir, model: str = "tiny-model", tp_rank: int = 0, tp_size: int = 1,
-                   **extra) -> HiCacheStorageConfig:
+                   is_mla: bool = False, **extra) -> HiCacheStorageConfig:
     return HiCacheStorageConfig(
         tp_rank=tp_rank, tp_size=tp_size, pp_rank=0, pp_size=1, attn_cp_rank=0, attn_cp_size=1,
-        is_mla_model=False, enable_storage_metrics=False, is_page_first_layout=False, model_name=model,
+        is_mla_model=is_mla, enable_storage_metrics=False, is_page_first_layout=False, model_name=model,
         extra_config={**BACKEND, "instance": instance, "runtime_dir": str(runtime_dir), "cache_gb": 0.004, **extra})
 
 

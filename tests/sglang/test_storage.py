@@ -18,8 +18,8 @@ pytest.importorskip("sglang.srt.mem_cache.hicache_storage")
 from kvbm_shm.client import Client  # noqa: E402
 from kvbm_shm.integrations.sglang.layout import UnsupportedHostPool, page_key  # noqa: E402
 from tests.procs import run_child  # noqa: E402
-from tests.sglang.pools import (MHA_LAYOUTS, PAGE, backend, engine_b, fill_pages, host_indices,  # noqa: E402
-                                host_pool, page_bytes, storage_config)
+from tests.sglang.pools import (MHA_LAYOUTS, MLA_LAYOUTS, PAGE, backend, engine_b, fill_pages,  # noqa: E402
+                                host_indices, host_pool, mla_host_pool, page_bytes, storage_config)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -62,6 +62,25 @@ def test_pages_set_by_one_process_are_read_by_another(coordinator, instance, run
         assert b["flat"] == written[layout][1], layout
         assert b["other_tp"] == 0
     assert len({written[layout][0][0] for layout in MHA_LAYOUTS}) == len(MHA_LAYOUTS)
+
+
+@pytest.mark.parametrize("layout", MLA_LAYOUTS)
+def test_mla_pages_are_shared_by_tp_ranks(coordinator, instance, runtime_dir, layout):
+    """MLA KV is the same on every TP rank: rank 0 stores, rank 1 loads rank 0's exact bytes; an
+    MHA pool of the same model never sees them."""
+    pool0, pool1 = mla_host_pool(layout), mla_host_pool(layout)
+    rank0 = backend(storage_config(instance, runtime_dir, tp_rank=0, tp_size=2, is_mla=True), pool0)
+    rank1 = backend(storage_config(instance, runtime_dir, tp_rank=1, tp_size=2, is_mla=True), pool1)
+    mha = backend(storage_config(instance, runtime_dir), host_pool(layout))
+    try:
+        fill_pages(pool0, [2, 3, 4], seed=3)
+        assert rank0.batch_set_v1(KEYS[:3], host_indices([2, 3, 4])) == [True] * 3
+        assert rank1.batch_get_v1(KEYS[:3], host_indices([6, 7, 8])) == [True] * 3
+        assert page_bytes(pool1, [6, 7, 8]) == page_bytes(pool0, [2, 3, 4])
+        assert mha.batch_exists(KEYS[:3]) == 0
+    finally:
+        for storage in (rank0, rank1, mha):
+            storage.close()
 
 
 def test_a_corrupted_or_absent_page_is_a_miss(coordinator, instance, runtime_dir):
