@@ -9,6 +9,11 @@ where H is xxh3-128 (16 bytes, big-endian digest) and tokens are little-endian u
 is H of the request's cache salt and LoRA name, so requests that must not share KV never match.
 The result is stable across processes, hosts and releases: `tests/test_hashing.py` pins it with
 fixed vectors.
+
+The chain is computed by one call into `kvbm_shm._hashing` (C, xxHash inlined) when it is built:
+a list or tuple of ints (what vLLM and SGLang hold) is converted there, block by block, and a numpy
+array is passed as its little-endian uint32 bytes. Without the extension, a Python loop over
+`xxhash` gives the same hashes.
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from typing import Sequence
 
 import numpy as np
 import xxhash
+
+try:
+    from . import _hashing as _c
+except ImportError:  # built without a C compiler: the same hashes, from a Python loop
+    _c = None
 
 HASH_BYTES = 16
 
@@ -40,10 +50,17 @@ def sequence_hashes(
     """
     if page_size <= 0:
         raise ValueError(f"page_size must be positive, got {page_size}")
+    prev = parent if parent is not None else (salt if salt is not None else salt_for())
+    if _c is not None and type(tokens) in (list, tuple):
+        try:
+            return _c.chain(tokens, page_size, prev)
+        except TypeError:  # items that are not ints: numpy converts them below, as without C
+            pass
     arr = np.asarray(tokens, dtype="<u4")
     if arr.ndim != 1:
         raise ValueError("tokens must be one-dimensional")
-    prev = parent if parent is not None else (salt if salt is not None else salt_for())
+    if _c is not None:
+        return _c.chain(np.ascontiguousarray(arr), page_size, prev)
     step = page_size * 4
     data = arr[:len(arr) // page_size * page_size].tobytes()  # one conversion; slicing bytes is cheap
     digest = xxhash.xxh3_128_digest
