@@ -1,9 +1,13 @@
 """Block identity: fixed vectors pin the hash chain across releases and hosts."""
 
+import shutil
+import sysconfig
+
 import numpy as np
 import pytest
 import xxhash
 
+from kvbm_shm import hashing
 from kvbm_shm.hashing import salt_for, sequence_hashes
 
 VECTORS = {
@@ -16,7 +20,6 @@ VECTORS = {
 
 @pytest.fixture(params=["c", "python"])
 def path(request, monkeypatch):
-    from kvbm_shm import hashing
     if request.param == "python":
         monkeypatch.setattr(hashing, "_c", None)
     elif hashing._c is None:
@@ -63,16 +66,12 @@ def test_bad_arguments(path):
 
 
 def test_c_path_is_built_where_a_compiler_exists():
-    import sysconfig
-    import shutil
-    from kvbm_shm import hashing
     if shutil.which((sysconfig.get_config_var("CC") or "cc").split()[0]) is None:
         pytest.skip("no C compiler: the pure-Python path is the one in use")
     assert hashing._c is not None, "kvbm_shm._hashing is not built: run `pip install -e .` or setup.py build_ext"
 
 
 def _python_chain(tokens, page_size, salt=None, parent=None):
-    from kvbm_shm import hashing
     c, hashing._c = hashing._c, None
     try:
         return sequence_hashes(tokens, page_size, salt=salt, parent=parent)
