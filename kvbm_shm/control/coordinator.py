@@ -404,7 +404,7 @@ class Coordinator:
         """Drop every Registered block of one pool, or of each pool whose model contains `m.model`."""
         lease = self.leases.get(m.lease)
         pools = [self._pool(m.pool_id)] if m.pool_id >= 0 else [q for q in self.pools.values() if m.model in q.model]
-        n = sum(pool.invalidate(list(pool.registry.values())) for pool in pools)
+        n = sum(pool.invalidate([b for _, b in pool.registered()]) for pool in pools)
         self.counters["cleared_blocks"] += n
         log.info("client %d (%s) cleared %d block(s) from %d pool(s)", lease.client_id, lease.name, n, len(pools))
         return p.OkReply(req=m.req, count=n)
