@@ -18,7 +18,7 @@ NAME_PIECE = re.compile(r"kvbm-$|kvbm-\{|^-pool-|^-dev-|-pool-$|-dev-$|\.sock$|r
                         r"|^g3-|g3\.lock|g3-io\.lock|\.blocks$|^\.new$|^\.tmp$|^workers-")
 # still spelled outside names: the coordinator's worker sockets (control/ is being rewritten elsewhere;
 # it is to call names.worker_socket, and this entry then goes)
-NOT_YET = {("control/supervisor.py", "workers-"), ("control/supervisor.py", ".sock")}
+NOT_YET: set[tuple[str, str]] = set()
 
 
 def _name_pieces(path: Path) -> set[tuple[str, str]]:

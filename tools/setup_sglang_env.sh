@@ -32,7 +32,7 @@ PY="$VENV_DIR/bin/python"
 SGLANG_VERSION=0.5.23
 TORCH_VERSION=2.13.0
 TORCHVISION_VERSION=0.28.0
-KVBM_PACKAGES=(pyzmq msgspec xxhash numpy aiofiles pytest pytest-timeout)
+KVBM_PACKAGES=(pyzmq msgspec xxhash numpy pytest pytest-timeout)
 # What importing SGLang's mem_cache modules needs, at sglang 0.5.23's pins where it has one.
 SGLANG_IMPORT_PACKAGES=(orjson psutil pybase64 requests pillow aiohttp pydantic dill gguf ipython
                         triton loguru starlette "transformers==5.19.0" "tokenizers==0.23.2"
@@ -48,7 +48,7 @@ import warnings
 want_sglang, want_torch = sys.argv[1], sys.argv[2]
 assert md.version("sglang") == want_sglang
 assert md.version("torch") == want_torch + "+cpu"
-import aiofiles, msgspec, numpy, pytest, pytest_timeout, xxhash, zmq  # noqa: E401,F401
+import msgspec, numpy, pytest, pytest_timeout, xxhash, zmq  # noqa: E401,F401
 warnings.simplefilter("ignore")
 import sglang.srt.mem_cache.hicache_storage  # noqa: F401
 import sglang.srt.mem_cache.pool_host.mha  # noqa: F401

@@ -23,7 +23,7 @@ PY="$VENV_DIR/bin/python"
 
 VLLM_VERSION=0.32.0
 TORCH_VERSION=2.13.0
-EXTRA_PACKAGES=(pyzmq msgspec xxhash numpy aiofiles pytest pytest-timeout
+EXTRA_PACKAGES=(pyzmq msgspec xxhash numpy pytest pytest-timeout
                 transformers safetensors tokenizers)
 
 check() {
@@ -41,7 +41,7 @@ for gone in ("torchvision", "torchaudio", "torchcodec", "triton"):
     except md.PackageNotFoundError:
         continue
     raise SystemExit(f"{gone} is installed")
-import aiofiles, msgspec, numpy, pytest, pytest_timeout, safetensors, tokenizers  # noqa: E401,F401
+import msgspec, numpy, pytest, pytest_timeout, safetensors, tokenizers  # noqa: E401,F401
 import transformers, xxhash, zmq  # noqa: E401,F401
 import vllm  # noqa: F401
 PYEOF

@@ -33,6 +33,7 @@ from typing import Callable
 import msgspec
 import zmq
 
+from .. import names
 from .. import protocol as p
 from .. import runtime
 from ..errors import ErrorCode, KvbmError
@@ -48,7 +49,7 @@ class WorkerGroup:
         self.kind = kind
         self._module = module
         self._args = args
-        self.endpoint = runtime.endpoint(instance_dir, f"workers-{kind}.sock")
+        self.endpoint = runtime.endpoint(instance_dir, names.worker_socket(kind))
         self.socket = ctx.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
