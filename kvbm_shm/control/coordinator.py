@@ -76,6 +76,7 @@ class Coordinator:
         self._events: list[p.Event] = []
         self.counters: Counter = Counter()
         self.disk: DiskTier | None = None
+        self.cluster = None  # ClusterTier, with --cluster (open_cluster_tier)
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvbm-pool-create")
         self._handlers = {
             p.Hello: self._hello, p.RegisterLayout: self._register_layout, p.Lookup: self._lookup,
@@ -119,6 +120,14 @@ class Coordinator:
         if self.disk is not None:
             self.disk.sweep(time.monotonic() if now is None else now)
         return ended
+
+    def open_cluster_tier(self, endpoint):
+        """Turn on G4 (before `recover`, so that recovered pools are registered with NIXL)."""
+        from .cluster_tier import ClusterTier  # needs the cluster extra: only with --cluster
+
+        self.cluster = ClusterTier.open(self.config, self, self.instance_id, endpoint)
+        self._handlers.update(self.cluster.handlers())
+        return self.cluster
 
     def open_disk_tier(self) -> DiskTier:
         """Turn on G3 (before `recover`, so that recovered pools get their files)."""
@@ -184,6 +193,8 @@ class Coordinator:
     def close(self) -> None:
         """Unlink every pool (clean shutdown); each one's `PoolCleared` event is left to publish."""
         self._executor.shutdown(wait=True, cancel_futures=True)
+        if self.cluster is not None:  # NIXL lets go of the pools' memory before it is unmapped
+            self.cluster.close()
         for fut in self._creating.values():
             if fut.done() and fut.exception() is None:
                 seg = fut.result()
@@ -240,6 +251,12 @@ class Coordinator:
                 if m.pin:
                     lease.deferred_pins.add(m.req)
                 return Deferred(m.req, fetch.future, lambda done: self._fetched(m, pool, fetch))
+        if self.cluster is not None and len(ids) < len(m.hashes):
+            staging = self.cluster.prepare_load(pool, m.hashes, ids)
+            if staging is not None:
+                if m.pin:
+                    lease.deferred_pins.add(m.req)
+                return Deferred(m.req, staging.future, lambda done: self._fetched(m, pool, staging))
         if m.pin and ids:
             self._pin(pool, lease, m.req, ids)
         return p.LookupReply(req=m.req, block_ids=ids, tiers=[p.Tier.CPU] * len(ids))
@@ -377,7 +394,8 @@ class Coordinator:
                    for lease in self.leases]
         return p.StatsReply(m.req, self.config.instance, self.instance_id, os.getpid(), now - self.started,
                             self.config.cpu_cache_bytes, self.used_bytes, pools, clients,
-                            dict(self.counters), self.disk.stats() if self.disk is not None else [])
+                            dict(self.counters), self.disk.stats() if self.disk is not None else [],
+                            tiers={"g4": self.cluster.stats()} if self.cluster is not None else {})
 
     # ------------------------------------------------------------ helpers
 
@@ -481,6 +499,8 @@ class Coordinator:
         self._by_fingerprint[ns.fingerprint] = pool_id
         if self.disk is not None:
             self.disk.attach(pool, ns)
+        if self.cluster is not None:
+            self.cluster.attach(pool, ns)
         return pool
 
     def _pool_reply(self, req: int, pool_id: int) -> p.PoolReply:

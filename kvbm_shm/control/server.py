@@ -79,6 +79,7 @@ class Server:
         self.workers: dict[str, WorkerGroup] = {}  # worker processes by kind, for the tiers that use them
         self.coordinator = Coordinator(config, self.events_endpoint, self.workers)
         self.guard: ConnectionGuard | None = None
+        self.peers = None  # the cluster endpoints (PeerEndpoint), with --cluster
         self._error_logged: dict[str, float] = {}
         try:
             if config.transfer_workers:
@@ -89,6 +90,11 @@ class Server:
                 self.workers[disk_tier.WORKER_KIND] = WorkerGroup(
                     disk_tier.WORKER_KIND, disk_tier.WORKER_MODULE, config.disk_io_workers, self.dir, self.ctx,
                     disk.worker_args())
+            if config.cluster:
+                from ..cluster.endpoint import PeerEndpoint
+
+                self.peers = PeerEndpoint.for_config(self.ctx, config)
+                self.coordinator.open_cluster_tier(self.peers)
             self.coordinator.recover()
             self._check_shm_room()
             for s in (self.router, self.pub):
@@ -136,6 +142,8 @@ class Server:
         groups = {group.socket: group for group in self.workers.values()}
         for sock in groups:
             poller.register(sock, zmq.POLLIN)
+        if self.peers is not None:
+            poller.register(self.peers.router, zmq.POLLIN)
         flush_pending = False
         while not self._stop.is_set():
             timeout_ms = 2 if self._deferred or flush_pending else _POLL_MS
@@ -148,6 +156,9 @@ class Server:
                     flush_pending = True
                 elif sock is self.guard.socket:
                     self._survive("connection guard", self.guard.on_readable)
+                elif self.peers is not None and sock is self.peers.router:
+                    self.peers.drain(self.coordinator.handle, self.coordinator.error_reply)
+                    flush_pending = True
                 else:
                     self._survive(f"{groups[sock].kind} workers", groups[sock].on_readable)
             if self._deferred:
@@ -260,6 +271,8 @@ class Server:
         self._event_seq += 1
         batch = p.EventBatch(self._event_seq, self.coordinator.instance_id, time.time_ns(), events)
         self.pub.send_multipart([p.EVENTS_TOPIC, *p.encode(batch)])
+        if self.peers is not None:
+            self.peers.publish([p.EVENTS_TOPIC, *p.encode(batch)])
 
     def close(self) -> None:
         """Unlink every segment and remove the runtime files (clean shutdown)."""
@@ -273,6 +286,8 @@ class Server:
         self._publish_events()  # the pools' PoolCleared: subscribers drop what they knew
         if self.guard is not None:
             self.guard.close()
+        if self.peers is not None:
+            self.peers.close()
         self.router.close(0)
         self.pub.close(200)  # let the last batch go out
         self.ctx.term()

@@ -1,0 +1,188 @@
+"""The cluster tier (G4) in the coordinator: remote hits from other nodes' G2 pools, and serving
+this node's G2 blocks to them. Runs on the coordinator's loop; every remote call and every NIXL
+operation runs on the threads of `cluster.node.ClusterNode`, so no hook blocks.
+
+Built only with `--cluster` (`ClusterTier.open(config, coordinator, instance_id, endpoint)`, after
+the server bound its `cluster.endpoint.PeerEndpoint`).
+
+- `attach(pool, ns)`: registers the pool's data region with NIXL (peers read it; our fetches land
+  in it) and announces the namespace in this node's etcd record.
+- `prepare_load(pool, hashes, g2_ids)`: when the remote index says a node holds the next hash,
+  pins the G2 prefix, allocates G2 blocks for the run that node holds (Partial, owner 0) and asks
+  the transfer thread to fetch them (`ClusterNode.fetch`, deadline `cluster_deadline_ms`). The
+  `Staging` it returns commits the verified prefix (tier 4 in the reply; Registered in G2, so the
+  next lookup on this node hits in G2), frees the rest, and answers never later than the deadline.
+  Blocks a transfer NIXL could not cancel may still write are kept out of use (`stuck_blocks`).
+- Handlers for peers (`PeerPin`, `PeerContents`; served only on the cluster endpoint): pins under
+  the peer's lease the G2 prefix it asks for, or pages through the hashes of every pool.
+- `stats()`: node, members, index size, counters (remote hits and bytes, failures).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import time
+
+from .. import protocol as p
+from ..cluster.endpoint import PeerEndpoint
+from ..cluster.node import ClusterNode, FetchResult
+from ..config import ServiceConfig
+from ..layout import Namespace
+from .pool import BlockPool
+from .tier import Tier
+
+log = logging.getLogger(__name__)
+
+
+class RemoteStaging:
+    """A lookup's G2 prefix plus blocks being fetched from one peer (see the module docstring)."""
+
+    def __init__(self, tier: "ClusterTier", pool: BlockPool, g2_ids: list[int], local: list[int], hashes: list[bytes]):
+        self.tier = tier
+        self.pool = pool
+        self.g2_ids = g2_ids
+        self.local = local
+        self.hashes = hashes
+        self.future: concurrent.futures.Future | None = None
+        self._pins = list(g2_ids)
+        self._result: tuple[list[int], list[int]] | None = None
+        if self._pins:
+            pool.pin(self._pins, 0)
+
+    def result(self) -> tuple[list[int], list[int]]:
+        if self._result is None:
+            self._result = self._settle()
+        return self._result
+
+    def _settle(self) -> tuple[list[int], list[int]]:
+        try:
+            got: FetchResult = self.future.result(timeout=0)
+        except Exception as e:  # a failure before the read began: the blocks were never written to
+            log.warning("cluster fetch failed: %s", e)
+            got = FetchResult(error=str(e))
+        pool, ok = self.pool, got.ok
+        if ok:
+            pool.commit(self.local[:ok], got.checksums[:ok], 0)
+        rest = self.local[ok:]
+        if rest and got.stuck:  # NIXL may still write them: never hand them out again
+            self.tier.stuck_blocks += len(rest)
+            log.error("%d G2 block(s) of pool %d kept out of use: a NIXL read into them could not be cancelled",
+                      len(rest), pool.pool_id)
+        elif rest:
+            pool.free(rest)
+        self.tier.counters["remote_miss_blocks"] += len(rest)
+        return self.g2_ids + self.local[:ok], [p.Tier.CPU] * len(self.g2_ids) + [p.Tier.CLUSTER] * ok
+
+    def release(self) -> None:
+        if self._pins:
+            self.pool.unpin(self._pins)
+            self._pins = []
+
+
+class ClusterTier(Tier):
+    name = "g4"
+
+    def __init__(self, config: ServiceConfig, coordinator, node: ClusterNode, endpoint: PeerEndpoint):
+        self.config = config
+        self.coordinator = coordinator  # for leases and pools of the peers' requests
+        self.node = node
+        self.endpoint = endpoint
+        self.counters = node.counters
+        self.stuck_blocks = 0
+        self._segments: dict[int, str] = {}  # pool id -> segment id registered with NIXL
+
+    @classmethod
+    def open(cls, config: ServiceConfig, coordinator, instance_id: str, endpoint: PeerEndpoint) -> "ClusterTier":
+        node = ClusterNode(name=config.cluster_node, instance_id=instance_id, etcd=config.cluster_etcd,
+                           keys=endpoint.keys, ttl_s=config.cluster_ttl_s,
+                           index_blocks=config.cluster_index_blocks, control=endpoint.control, events=endpoint.events)
+        log.info("cluster: node %s, control %s, events %s, etcd %s", config.cluster_node, endpoint.control,
+                 endpoint.events, ",".join(config.cluster_etcd))
+        return cls(config, coordinator, node, endpoint)
+
+    # ------------------------------------------------------------ hooks
+
+    def attach(self, pool: BlockPool, namespace: Namespace) -> None:
+        seg = pool.segment
+        self._segments[pool.pool_id] = seg.segment_id
+        self.node.register(seg.segment_id, seg.data_address, seg.num_blocks * seg.block_stride)
+        self.node.set_fingerprints(sorted({q.fingerprint for q in self.coordinator.pools.values()} | {pool.fingerprint}))
+
+    def prepare_load(self, pool: BlockPool, hashes: list[bytes], g2_ids: list[int]) -> RemoteStaging | None:
+        rest = hashes[len(g2_ids):len(g2_ids) + p.MAX_PEER_BLOCKS]
+        node, n = self.node.index.run_on(pool.fingerprint, rest)
+        if not n or pool.segment.segment_id not in self._segments.values() or not self.node.registered(
+                pool.segment.segment_id):
+            return None
+        staging = RemoteStaging(self, pool, g2_ids, [], rest[:n])  # pins the G2 prefix before allocating
+        ids = pool.allocate(rest[:n], 0)
+        k = next((i for i, b in enumerate(ids) if b < 0), len(ids))
+        if ids[k:]:
+            pool.free([b for b in ids[k:] if b >= 0])
+        if not k:
+            staging.release()
+            return None
+        staging.local = ids[:k]
+        deadline = time.monotonic() + self.config.cluster_deadline_ms / 1000
+        staging.future = self.node.fetch(node, pool.fingerprint, rest[:k], [pool.segment.block(b) for b in ids[:k]],
+                                         deadline)
+        self.counters["remote_lookups"] += 1
+        return staging
+
+    def handlers(self) -> dict:
+        return {p.PeerPin: self._peer_pin, p.PeerContents: self._peer_contents}
+
+    def stats(self) -> dict:
+        sizes = self.node.index.sizes()
+        members = {name: {"state": "up", "control": rec.control, "index_blocks": sizes.get(name, 0),
+                          "fingerprints": len(rec.fingerprints)} for name, rec in self.node.members.items()}
+        return {"node": self.node.name, "etcd": "reachable" if self.node.reachable else "unreachable",
+                "control": self.endpoint.control, "events": self.endpoint.events, "nodes": members,
+                "registered_pools": sum(map(self.node.registered, self._segments.values())),
+                "index_blocks": len(self.node.index), "index_dropped": self.node.index.dropped,
+                "stuck_blocks": self.stuck_blocks, "refused_requests": self.endpoint.refused,
+                "counters": dict(self.counters)}
+
+    def close(self) -> None:
+        """Before the pools are unmapped: NIXL lets go of their memory, and this node leaves etcd."""
+        self.node.close()
+
+    # ------------------------------------------------------------ peers' requests
+
+    def _peer_pool(self, fingerprint: str) -> BlockPool | None:
+        return next((q for q in self.coordinator.pools.values() if q.fingerprint == fingerprint), None)
+
+    def _peer_pin(self, m: p.PeerPin) -> p.Reply:
+        lease = self.coordinator.leases.get(m.lease)
+        pool = self._peer_pool(m.fingerprint)
+        md, version = self.node.metadata
+        if pool is None or not self.node.registered(pool.segment.segment_id):
+            return p.PeerPinReply(req=m.req, pool_id=-1, block_ids=[], checksums=[], block_bytes=0, data_address=0,
+                                  block_stride=0, metadata_version=version)
+        ids = pool.lookup(m.hashes)
+        if ids:
+            self.coordinator._pin(pool, lease, m.req, ids)
+        self.counters["served_blocks"] += len(ids)
+        self.counters["served_bytes"] += len(ids) * pool.segment.block_bytes
+        return p.PeerPinReply(req=m.req, pool_id=pool.pool_id, block_ids=ids,
+                              checksums=pool.table["checksum"][ids].tolist() if ids else [],
+                              block_bytes=pool.segment.block_bytes, data_address=pool.segment.data_address,
+                              block_stride=pool.segment.block_stride, metadata_version=version,
+                              metadata=md if m.metadata_version != version else b"")
+
+    def _peer_contents(self, m: p.PeerContents) -> p.Reply:
+        self.coordinator.leases.get(m.lease)
+        start = max(0, m.cursor)
+        entries, seen, taken = [], 0, 0
+        for pool in sorted(self.coordinator.pools.values(), key=lambda q: q.pool_id):
+            n = len(pool.registry)
+            if seen + n > start and taken < p.PEER_CONTENTS_PAGE:
+                skip = max(0, start - seen)
+                hashes = list(itertools.islice(pool.registry, skip, skip + p.PEER_CONTENTS_PAGE - taken))
+                entries.append(p.PeerBlocks(fingerprint=pool.fingerprint, tier=p.Tier.CPU, hashes=hashes))
+                taken += len(hashes)
+            seen += n
+        end = start + taken
+        return p.PeerContentsReply(req=m.req, entries=entries, next_cursor=end if end < seen else 0)
