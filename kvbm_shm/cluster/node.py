@@ -6,19 +6,19 @@
   events were missed: the node's entries are dropped and rebuilt by a resync (`PeerContents`
   pages), which also runs when a peer joins and at its first batch. A node whose key goes (its
   lease expired, or it left) is dropped: index entries, subscription, link, NIXL peer.
-- The transfer thread owns the NIXL agent (`transport`) and the links to peers (`peers`): it
-  registers pools, runs resyncs, and runs fetches one at a time.
+- The transfer thread owns this node's NIXL agent (`transport`: the pools peers read from; its
+  progress thread serves them), the reader process (`reader`: our reads, out of this process) and
+  the links to peers (`peers`): it registers pools, runs resyncs, and runs fetches one at a time.
 
-`fetch(node, fingerprint, hashes, local_blocks, deadline)` returns a future of a `FetchResult`:
-the peer pins the longest prefix it holds in G2 (`PeerPin`), one NIXL READ moves those blocks into
-`local_blocks` (numpy views of our G2 blocks, owned by the caller until the future is done), every
+`fetch(node, fingerprint, hashes, segment_key, local_ids, local_blocks, deadline)` returns a future
+of a `FetchResult`: the peer pins the longest prefix it holds in G2 (`PeerPin`), one NIXL READ moves
+those blocks into our blocks `local_ids` of the registered segment `segment_key` (`local_blocks`:
+their numpy views here, owned by the caller until the future is done), every
 block is checksummed against what the peer recorded, and the future is set: `ok` blocks verified
 (a prefix), their checksums. The peer's pins are released after the future is set. A fetch that
 cannot finish by `deadline` (peer unreachable, killed mid-read, pin refused, too slow) ends with
-`ok` = 0 or a shorter verified prefix, never later than the deadline plus one poll, except when
-NIXL cannot cancel a transfer: then `stuck` is True and the blocks past `ok` may still be written
-(the caller must not reuse them). Fetches queue behind each other; one that reaches the front
-after its deadline ends at once.
+`ok` = 0 or a shorter verified prefix, never later than the deadline plus the reader's grace
+(a reader that overruns is killed, so nothing lands in the blocks afterwards). Fetches queue behind each other; one that reaches the front after its deadline ends at once.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from .index import RemoteIndex
 from .keys import ClusterKeys, secure_client
 from .membership import Membership, NodeRecord
 from .peers import PeerError, PeerLink
+from .reader import Reader
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,6 @@ _RELEASE_S = 0.5  # a Release after the fetch gets this long; past it the pins l
 class FetchResult:
     ok: int = 0
     checksums: list[int] = dataclasses.field(default_factory=list)
-    stuck: bool = False
     error: str = ""
 
 
@@ -83,6 +83,7 @@ class ClusterNode:
         self._stop = threading.Event()
         self._xfer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvbm-cluster-xfer")
         self._transport: nixl.NixlTransport | None = None
+        self._reader = Reader(name)
         self._links: dict[str, PeerLink] = {}
         self._agents: dict[str, tuple[str, int]] = {}  # node -> (NIXL agent name, metadata version)
         self._ready = self._xfer.submit(self._open_transport)
@@ -91,8 +92,8 @@ class ClusterNode:
 
     # ------------------------------------------------------------ called from the coordinator's loop
 
-    def register(self, key: object, address: int, size: int) -> None:
-        self._xfer.submit(self._register, key, address, size)
+    def register(self, key: str, segment: str, address: int, size: int) -> None:
+        self._xfer.submit(self._register, key, segment, address, size)
 
     def deregister(self, key: object) -> concurrent.futures.Future:
         return self._xfer.submit(self._deregister, key)
@@ -103,9 +104,14 @@ class ClusterNode:
     def set_fingerprints(self, fingerprints: list[str]) -> None:
         self._fingerprints = sorted(fingerprints)
 
-    def fetch(self, node: str, fingerprint: str, hashes: list[bytes], local_blocks: list, deadline: float
-              ) -> concurrent.futures.Future:
-        return self._xfer.submit(self._fetch, node, fingerprint, hashes, local_blocks, deadline)
+    def fetch(self, node: str, fingerprint: str, hashes: list[bytes], segment_key: str, local_ids: list[int],
+              local_blocks: list, deadline: float) -> concurrent.futures.Future:
+        return self._xfer.submit(self._fetch, node, fingerprint, hashes, segment_key, local_ids, local_blocks,
+                                 deadline)
+
+    @property
+    def reader_restarts(self) -> int:
+        return self._reader.restarts
 
     @property
     def reachable(self) -> bool:
@@ -210,15 +216,18 @@ class ClusterNode:
 
     def _open_transport(self) -> None:
         self._transport = nixl.NixlTransport(f"{self.name}-{self.instance_id[:12]}")
+        self._reader.start()
         self.metadata = (self._transport.metadata(), self._transport.version)
 
-    def _register(self, key: object, address: int, size: int) -> None:
+    def _register(self, key: str, segment: str, address: int, size: int) -> None:
         self._transport.register(key, address, size)
+        self._reader.map(key, segment)
         self._registered.add(key)
         self.metadata = (self._transport.metadata(), self._transport.version)
 
     def _deregister(self, key: object) -> None:
         self._registered.discard(key)
+        self._reader.unmap(key)
         if self._transport is not None:
             self._transport.deregister(key)
             self.metadata = (self._transport.metadata(), self._transport.version)
@@ -227,6 +236,7 @@ class ClusterNode:
         for link in self._links.values():
             link.close()
         self._links.clear()
+        self._reader.close()
         if self._transport is not None:
             self._transport.close()
 
@@ -236,7 +246,7 @@ class ClusterNode:
             link.close()
         agent = self._agents.pop(node, None)
         if agent is not None:
-            self._transport.remove_peer(agent[0])
+            self._reader.remove_peer(agent[0])
 
     def _link(self, node: str) -> PeerLink:
         rec = self.members.get(node)
@@ -267,8 +277,8 @@ class ClusterNode:
             self.counters["resync_errors"] += 1
             log.warning("cluster: resync of node %s failed: %s", node, e)
 
-    def _fetch(self, node: str, fingerprint: str, hashes: list[bytes], local_blocks: list, deadline: float
-               ) -> FetchResult:
+    def _fetch(self, node: str, fingerprint: str, hashes: list[bytes], segment_key: str, local_ids: list[int],
+               local_blocks: list, deadline: float) -> FetchResult:
         self.counters["fetches"] += 1
         if time.monotonic() >= deadline:
             self.counters["fetch_timeouts"] += 1
@@ -293,17 +303,19 @@ class ClusterNode:
                 raise PeerError(f"node {node} has blocks of {pin.block_bytes} bytes, ours are {nbytes}")
             if pin.metadata:
                 if agent:
-                    self._transport.remove_peer(agent)
-                agent = self._transport.add_peer(pin.metadata)
+                    self._reader.remove_peer(agent)
+                agent = self._reader.add_peer(pin.metadata)
                 self._agents[node] = (agent, pin.metadata_version)
             if not agent:
                 raise PeerError(f"node {node} sent no NIXL metadata")
             remote = [pin.data_address + b * pin.block_stride for b in pin.block_ids[:n]]
-            local = [blk.ctypes.data for blk in local_blocks[:n]]
-            state = self._transport.read(agent, local, remote, nbytes, deadline)
+            self.counters["reads"] += 1
+            started = time.monotonic()
+            state = self._reader.read(agent, segment_key, local_ids[:n], remote, nbytes, deadline)
+            log.debug("cluster: read of %d block(s) from node %s: %s in %.1f ms", n, node, state,
+                      (time.monotonic() - started) * 1000)
             if state != nixl.DONE:
                 self.counters["read_failures"] += 1
-                result.stuck = state == nixl.STUCK
                 result.error = f"NIXL read from node {node} {state}"
                 return result
             ok = 0

@@ -7,10 +7,10 @@ registration, so it comes with a `version`. `add_peer(metadata)` loads (or reloa
 returns its agent name. `read(peer, local, remote, nbytes, deadline)` moves `nbytes` from each
 remote address to the local one at the same position and returns `DONE`, `FAILED` (the transfer
 ended without completing: nothing more will be written) or `STUCK` (the deadline passed and NIXL
-could not cancel it: the local blocks may still be written and must not be reused until
-`reap()` says the handle is gone).
+could not cancel it: the local blocks may still be written until this process ends; `reader`
+then kills it).
 
-Not thread-safe: one thread owns a transport (`node.ClusterNode`'s transfer thread). UCX reads
+Not thread-safe: one thread owns a transport (`node.ClusterNode`'s transfer thread, or the reader process). UCX reads
 the usual environment (`UCX_TLS`, `UCX_NET_DEVICES`; `UCX_MODULES=^ib` where libibverbs is
 installed without an RDMA device). The data plane is not authenticated by NIXL: a node that has
 our metadata can read and write registered memory; only the control plane (CURVE) and checksums
@@ -38,7 +38,6 @@ class NixlTransport:
         self.agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=True, backends=["UCX"]))
         self._regs: dict[object, object] = {}
         self._peers: dict[str, bytes] = {}  # agent name -> metadata loaded
-        self._stuck: list[object] = []  # handles NIXL could not cancel yet
         self.version = 0
 
     def register(self, key: object, address: int, size: int) -> None:
@@ -102,19 +101,10 @@ class NixlTransport:
             self.agent.release_xfer_handle(handle)
             return True
         except Exception as e:
-            log.warning("NIXL could not cancel a transfer yet: %s", e)
-            self._stuck.append(handle)
+            log.warning("NIXL could not cancel a transfer: %s", e)
             return False
 
-    def reap(self) -> int:
-        """Try again to release handles that could not be cancelled; returns how many remain."""
-        stuck, self._stuck = self._stuck, []
-        for handle in stuck:
-            self._release(handle)
-        return len(self._stuck)
-
     def close(self) -> None:
-        self.reap()
         for name in list(self._peers):
             self.remove_peer(name)
         for key in list(self._regs):

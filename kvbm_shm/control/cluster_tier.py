@@ -11,8 +11,8 @@ the server bound its `cluster.endpoint.PeerEndpoint`).
   pins the G2 prefix, allocates G2 blocks for the run that node holds (Partial, owner 0) and asks
   the transfer thread to fetch them (`ClusterNode.fetch`, deadline `cluster_deadline_ms`). The
   `Staging` it returns commits the verified prefix (tier 4 in the reply; Registered in G2, so the
-  next lookup on this node hits in G2), frees the rest, and answers never later than the deadline.
-  Blocks a transfer NIXL could not cancel may still write are kept out of use (`stuck_blocks`).
+  next lookup on this node hits in G2), frees the rest, and answers within the deadline (plus the
+  reader's grace: a read that overruns kills the reader process, so nothing lands in freed blocks).
 - Handlers for peers (`PeerPin`, `PeerContents`; served only on the cluster endpoint): pins under
   the peer's lease the G2 prefix it asks for, or pages through the hashes of every pool.
 - `stats()`: node, members, index size, counters (remote hits and bytes, failures).
@@ -66,11 +66,7 @@ class RemoteStaging:
         if ok:
             pool.commit(self.local[:ok], got.checksums[:ok], 0)
         rest = self.local[ok:]
-        if rest and got.stuck:  # NIXL may still write them: never hand them out again
-            self.tier.stuck_blocks += len(rest)
-            log.error("%d G2 block(s) of pool %d kept out of use: a NIXL read into them could not be cancelled",
-                      len(rest), pool.pool_id)
-        elif rest:
+        if rest:
             pool.free(rest)
         self.tier.counters["remote_miss_blocks"] += len(rest)
         return self.g2_ids + self.local[:ok], [p.Tier.CPU] * len(self.g2_ids) + [p.Tier.CLUSTER] * ok
@@ -90,7 +86,6 @@ class ClusterTier(Tier):
         self.node = node
         self.endpoint = endpoint
         self.counters = node.counters
-        self.stuck_blocks = 0
         self._segments: dict[int, str] = {}  # pool id -> segment id registered with NIXL
 
     @classmethod
@@ -107,7 +102,7 @@ class ClusterTier(Tier):
     def attach(self, pool: BlockPool, namespace: Namespace) -> None:
         seg = pool.segment
         self._segments[pool.pool_id] = seg.segment_id
-        self.node.register(seg.segment_id, seg.data_address, seg.num_blocks * seg.block_stride)
+        self.node.register(seg.segment_id, seg.name, seg.data_address, seg.num_blocks * seg.block_stride)
         self.node.set_fingerprints(sorted({q.fingerprint for q in self.coordinator.pools.values()} | {pool.fingerprint}))
 
     def prepare_load(self, pool: BlockPool, hashes: list[bytes], g2_ids: list[int]) -> RemoteStaging | None:
@@ -126,8 +121,8 @@ class ClusterTier(Tier):
             return None
         staging.local = ids[:k]
         deadline = time.monotonic() + self.config.cluster_deadline_ms / 1000
-        staging.future = self.node.fetch(node, pool.fingerprint, rest[:k], [pool.segment.block(b) for b in ids[:k]],
-                                         deadline)
+        staging.future = self.node.fetch(node, pool.fingerprint, rest[:k], pool.segment.segment_id, ids[:k],
+                                         [pool.segment.block(b) for b in ids[:k]], deadline)
         self.counters["remote_lookups"] += 1
         return staging
 
@@ -142,7 +137,7 @@ class ClusterTier(Tier):
                 "control": self.endpoint.control, "events": self.endpoint.events, "nodes": members,
                 "registered_pools": sum(map(self.node.registered, self._segments.values())),
                 "index_blocks": len(self.node.index), "index_dropped": self.node.index.dropped,
-                "stuck_blocks": self.stuck_blocks, "refused_requests": self.endpoint.refused,
+                "reader_restarts": self.node.reader_restarts, "refused_requests": self.endpoint.refused,
                 "counters": dict(self.counters)}
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ import importlib.util
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -107,16 +108,19 @@ class Cluster:
         node = CoordinatorProcess(
             f"c{self.tag}{name}", runtime_dir, "--cluster", self.etcd.url, "--node-name", name,
             "--cluster-secret-file", str(self.secret), "--cluster-ttl-s", str(ttl_s),
-            "--cluster-deadline-ms", str(deadline_ms), "--transfer-workers", "0", *extra,
+            "--cluster-deadline-ms", str(deadline_ms), "--transfer-workers", "0", "--log-level", "DEBUG", *extra,
             cpu_cache_gb=cpu_cache_gb, env=UCX_ENV)
         self.nodes[name] = node.start(timeout_s=60)
         return node
 
     def close(self) -> None:
         left = []
-        for node in self.nodes.values():
+        for name, node in self.nodes.items():
             node.stop()
-            left += node.remove_leftovers()
+            killed = node.proc.returncode == -signal.SIGKILL  # a killed node leaves its pools by design
+            left += [] if killed else node.remove_leftovers()
+            node.remove_leftovers()
+            print(f"--- log of node {name} (last 3000 characters)\n{node.log()[-3000:]}")  # shown when a test fails
             shutil.rmtree(node.runtime_dir, ignore_errors=True)
         assert not left, f"segments left in /dev/shm after the test: {left}"
 

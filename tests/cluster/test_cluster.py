@@ -10,13 +10,16 @@ B; a client without the cluster secret gets nothing from the TCP endpoint.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import zmq
 
 from kvbm_shm import Client, EngineLayout, KvLayout, Namespace, protocol as p, sequence_hashes
+from kvbm_shm.cluster.keys import ClusterKeys, secure_client
+from kvbm_shm.errors import ErrorCode
 from kvbm_shm.shm import PoolSegment
 
 from ..procs import wait_for
@@ -79,3 +82,185 @@ def test_a_stores_b_hits_with_the_same_bytes(cluster):
     assert g4["counters"]["remote_hit_blocks"] == 16
     assert g4["counters"]["remote_hit_bytes"] == 16 * ea.namespace.kv.block_bytes
     ea.close(), eb.close()
+
+
+def test_three_nodes_a_block_travels_on_after_its_first_node_leaves(cluster):
+    a, b = cluster.start("a"), cluster.start("b")
+    ea = Engine(a)
+    assert ea.store(0, 8).stored == 8
+    eb = Engine(b)
+    wait_index(eb, "a", 8)
+    wait_for(lambda: eb.g4()["registered_pools"] == 1, 20, "B's pool registered with NIXL")
+    assert eb.load(0, 8)[0].tiers == [p.Tier.CLUSTER] * 8
+    ea.close()
+    started = time.monotonic()
+    a.stop()  # a clean stop leaves etcd at once, not after its lease
+    assert b"/kvbm-shm/nodes/a" not in cluster.etcd.keys()
+    assert time.monotonic() - started < 10
+    c = cluster.start("c")
+    ec = Engine(c)
+    wait_index(ec, "b", 8)  # C joined after B stored them: it learnt them by a resync, not by events
+    assert "a" not in ec.g4()["nodes"]
+    wait_for(lambda: ec.g4()["registered_pools"] == 1, 20, "C's pool registered with NIXL")
+    result, same = ec.load(0, 8)
+    assert (result.loaded, result.tiers, same) == (8, [p.Tier.CLUSTER] * 8, True)
+    eb.close(), ec.close()
+
+
+BIG_BLOCKS = 256  # of 1 MiB: a read of them all takes a while even on loopback
+BIG_HASHES = sequence_hashes(list(range(BIG_BLOCKS * PAGE)), PAGE)
+
+
+class BigEngine(Engine):
+    def __init__(self, node):
+        rng = np.random.default_rng(7)
+        self.kv = [rng.standard_normal((BIG_BLOCKS, 8, PAGE, 256), dtype=np.float32) for _ in range(8)]
+        self.namespace = Namespace("cluster-big", KvLayout(8, 2, PAGE, 8 * 128, "float32"), EngineLayout.of(self.kv))
+        self.client = Client(instance=node.instance, runtime_dir=node.runtime_dir, name="engine", timeout_s=20)
+        cache_bytes = PoolSegment.size_for(BIG_BLOCKS + 8, self.namespace.kv.block_bytes) + 4096
+        self.pool = self.client.register_layout(self.namespace, cache_bytes)
+        self.bound = self.pool.bind(self.kv)
+
+    def store_all(self):
+        return self.client.store(self.bound, BIG_HASHES, list(range(BIG_BLOCKS)))
+
+    def load_all(self):
+        """Load into fresh tensors: the result, whether the bytes are A's, and how long the load took."""
+        out = self.pool.bind([np.zeros_like(t) for t in self.kv])
+        started = time.monotonic()
+        result = self.client.load(out, BIG_HASHES, list(range(BIG_BLOCKS)))
+        took = time.monotonic() - started
+        same = all(np.array_equal(o[:result.loaded], t[:result.loaded]) for o, t in zip(out.tensors, self.kv))
+        return result, same, took
+
+
+def test_a_killed_mid_read_is_a_miss_within_the_deadline(cluster):
+    deadline_ms = 3000
+    a = cluster.start("a", cpu_cache_gb=0.3)
+    b = cluster.start("b", cpu_cache_gb=0.3, deadline_ms=deadline_ms)
+    ea = BigEngine(a)
+    assert ea.store_all().stored == BIG_BLOCKS
+    eb = BigEngine(b)
+    wait_index(eb, "a", BIG_BLOCKS)
+    wait_for(lambda: eb.g4()["registered_pools"] == 1, 20, "B's pool registered with NIXL")
+    out = {}
+
+    def load():
+        out["result"], out["same"], out["took"] = eb.load_all()
+        print("load took", out["took"])
+
+    observer = Client(instance=b.instance, runtime_dir=b.runtime_dir, name="observer", timeout_s=20)
+    t = threading.Thread(target=load)
+    t.start()
+    wait_for(lambda: observer.stats().tiers["g4"]["counters"].get("reads", 0) >= 1, 10, "B's NIXL read under way")
+    a.kill()
+    t.join(30)
+    assert not t.is_alive()
+    counters = eb.g4()["counters"]
+    assert out["same"]  # whatever was loaded has A's exact bytes
+    assert out["took"] < deadline_ms / 1000 + 2.0
+    # the read was cut short: a miss, counted as a failed read
+    assert (out["result"].loaded, counters.get("read_failures", 0)) == (0, 1)
+    # B keeps serving its own blocks
+    eb.close(), observer.close()
+    e2 = Engine(b)
+    assert e2.store(0, 4).stored == 4
+    result, same = e2.load(0, 4)
+    assert (result.loaded, result.tiers, same) == (4, [p.Tier.CPU] * 4, True)
+    e2.close()
+
+
+def test_a_dead_nodes_lease_expiring_drops_its_index_entries(cluster):
+    a, b = cluster.start("a"), cluster.start("b")
+    ea = Engine(a)
+    assert ea.store(0, 12).stored == 12
+    eb = Engine(b)
+    wait_index(eb, "a", 12)
+    a.kill()
+    killed = time.monotonic()
+    wait_for(lambda: "a" not in eb.g4()["nodes"] and eb.g4()["index_blocks"] == 0, 15,
+             "A's entries dropped from B's index")
+    assert time.monotonic() - killed < 2 + 3  # ttl 2 s, plus the poll and a busy machine
+    assert b"/kvbm-shm/nodes/a" not in cluster.etcd.keys()
+    result, _ = eb.load(0, 12)
+    assert result.loaded == 0
+    ea.client.close(), eb.close()
+
+
+def test_etcd_down_then_back(cluster):
+    a, b = cluster.start("a"), cluster.start("b")
+    ea = Engine(a)
+    assert ea.store(0, 8).stored == 8
+    eb = Engine(b)
+    wait_index(eb, "a", 8)
+    wait_for(lambda: eb.g4()["registered_pools"] == 1, 20, "B's pool registered with NIXL")
+    cluster.etcd.stop()
+    wait_for(lambda: eb.g4()["etcd"] == "unreachable", 10, "B to notice etcd is gone")
+    # local tiers keep serving, and so do the peers B knew
+    assert eb.store(40, 4).stored == 4
+    result, same = eb.load(40, 4)
+    assert (result.loaded, result.tiers, same) == (4, [p.Tier.CPU] * 4, True)
+    result, same = eb.load(0, 8)
+    assert (result.loaded, result.tiers, same) == (8, [p.Tier.CLUSTER] * 8, True)
+    cluster.etcd.start()
+    wait_for(lambda: eb.g4()["etcd"] == "reachable", 20, "B to see etcd again")
+    wait_for(lambda: {b"/kvbm-shm/nodes/a", b"/kvbm-shm/nodes/b"} <= set(cluster.etcd.keys()), 20,
+             "both nodes in etcd again")
+    c = cluster.start("c")
+    ec = Engine(c)
+    wait_index(ec, "a", 8)
+    wait_index(ec, "b", 12)
+    ea.close(), eb.close(), ec.close()
+
+
+def test_a_block_that_fails_its_checksum_on_the_peer_ends_the_prefix(cluster):
+    a, b = cluster.start("a"), cluster.start("b")
+    ea = Engine(a)
+    assert ea.store(0, 10).stored == 10
+    seg = PoolSegment.attach(ea.pool.segment.name)
+    bad = int(np.flatnonzero(seg.table["hash"] == np.frombuffer(HASHES[6], "V16"))[0])
+    seg.block(bad)[100] ^= 0xFF  # A's bytes no longer match the checksum A recorded
+    eb = Engine(b)
+    wait_index(eb, "a", 10)
+    wait_for(lambda: eb.g4()["registered_pools"] == 1, 20, "B's pool registered with NIXL")
+    result, same = eb.load(0, 10)
+    assert (result.loaded, result.tiers, same) == (6, [p.Tier.CLUSTER] * 6, True)
+    assert eb.g4()["counters"]["checksum_failures"] == 1
+    # the failed block was freed on B: nothing past the verified prefix is registered there
+    result, same = eb.load(0, 10)
+    assert result.loaded == 6
+    del seg.table
+    seg.close()
+    ea.close(), eb.close()
+
+
+def test_the_tcp_endpoint_answers_only_holders_of_the_secret(cluster):
+    a = cluster.start("a")
+    ea = Engine(a)
+    control = ea.g4()["control"]
+    good = ClusterKeys.from_file(str(cluster.secret))
+    wrong = ClusterKeys.from_secret(b"x" * 64)
+    ctx = zmq.Context()
+
+    def ask(keys, msg) -> p.Reply | None:
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        if keys is not None:
+            secure_client(s, keys)
+        s.connect(control)
+        s.send_multipart(p.encode(msg))
+        got = p.decode_reply(s.recv_multipart()) if s.poll(1500) else None
+        s.close()
+        return got
+
+    hello = p.Hello(req=1, name="intruder", pid=1)
+    assert ask(None, hello) is None  # plain TCP: no CURVE handshake, nothing answered
+    assert ask(wrong, hello) is None  # another secret: the handshake fails
+    assert ask(dataclasses.replace(wrong, server_public=good.server_public), hello) is None  # ZAP refuses the key
+    reply = ask(good, hello)
+    assert isinstance(reply, p.HelloReply)
+    refused = ask(good, p.Stats(req=2))
+    assert isinstance(refused, p.ErrorReply) and refused.code == ErrorCode.UNKNOWN_OP
+    assert ea.g4()["refused_requests"] == 1
+    ctx.term()
+    ea.close()
