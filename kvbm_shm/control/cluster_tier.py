@@ -24,6 +24,7 @@ import concurrent.futures
 import itertools
 import logging
 import time
+from collections import Counter
 
 from .. import protocol as p
 from ..cluster.endpoint import PeerEndpoint
@@ -68,6 +69,7 @@ class RemoteStaging:
         rest = self.local[ok:]
         if rest:
             pool.free(rest)
+        self.tier.hit_blocks[pool.pool_id] += ok
         self.tier.counters["remote_miss_blocks"] += len(rest)
         return self.g2_ids + self.local[:ok], [p.Tier.CPU] * len(self.g2_ids) + [p.Tier.CLUSTER] * ok
 
@@ -86,6 +88,7 @@ class ClusterTier(Tier):
         self.node = node
         self.endpoint = endpoint
         self.counters = node.counters
+        self.hit_blocks: Counter = Counter()  # pool id -> blocks read from other nodes (Prometheus, tier 4)
         self._segments: dict[int, str] = {}  # pool id -> segment id registered with NIXL
 
     @classmethod
@@ -139,6 +142,24 @@ class ClusterTier(Tier):
                 "index_blocks": len(self.node.index), "index_dropped": self.node.index.dropped,
                 "reader_restarts": self.node.reader_restarts, "refused_requests": self.endpoint.refused,
                 "counters": dict(self.counters)}
+
+    def metric_families(self, Counter, Gauge):
+        """Prometheus series of G4 (the families come from prometheus-client, passed in by `metrics`)."""
+        tier = self.name
+        c = self.counters
+        nodes = Gauge("kvbm_cluster_nodes", "Other nodes of the cluster this node sees", labels=["tier"])
+        nodes.add_metric([tier], len(self.node.members))
+        index = Gauge("kvbm_cluster_index_blocks", "Blocks other nodes hold, as this node's index knows them",
+                      labels=["tier"])
+        index.add_metric([tier], len(self.node.index))
+        nbytes = Counter("kvbm_cluster_bytes", "Block bytes read from other nodes, and served to them",
+                         labels=["tier", "direction"])
+        nbytes.add_metric([tier, "read"], c.get("remote_hit_bytes", 0))
+        nbytes.add_metric([tier, "served"], c.get("served_bytes", 0))
+        failures = Counter("kvbm_cluster_failures", "Remote fetches that failed, by kind", labels=["tier", "kind"])
+        for kind in ("fetch_errors", "read_failures", "checksum_failures", "fetch_timeouts", "resync_errors"):
+            failures.add_metric([tier, kind.removesuffix("s")], c.get(kind, 0))
+        yield from (nodes, index, nbytes, failures)
 
     def close(self) -> None:
         """Before the pools are unmapped: NIXL lets go of their memory, and this node leaves etcd."""

@@ -267,6 +267,8 @@ class _Collector:
         yield from self._pools(list(c.pools.values()), CounterMetricFamily, GaugeMetricFamily)
         yield from self._coordinator_counters(dict(c.counters), CounterMetricFamily)
         yield from self._observed(CounterMetricFamily, HistogramMetricFamily)
+        if c.cluster is not None:
+            yield from c.cluster.metric_families(CounterMetricFamily, GaugeMetricFamily)
 
     def _pools(self, pools, Counter, Gauge):
         pool_labels = ["pool", "model"]
@@ -277,6 +279,7 @@ class _Collector:
         hit_tokens = Counter("kvbm_hit_tokens", "Tokens of the blocks found by lookups",
                              labels=[*pool_labels, "tier"])
         counters: dict[str, object] = {}
+        cluster = self.metrics.coordinator.cluster
         for pool in pools:
             labels = [str(pool.pool_id), pool.model]
             seg = pool.segment
@@ -288,6 +291,10 @@ class _Collector:
             values = pool.counters()
             hits.add_metric([*labels, _POOL_TIER], values["hit_blocks"])
             hit_tokens.add_metric([*labels, _POOL_TIER], values["hit_blocks"] * _page_size(seg))
+            if cluster is not None:  # G4: blocks read from other nodes into this pool
+                remote = cluster.hit_blocks.get(pool.pool_id, 0)
+                hits.add_metric([*labels, "g4"], remote)
+                hit_tokens.add_metric([*labels, "g4"], remote * _page_size(seg))
             for name, value in values.items():
                 spec = _POOL_COUNTERS.get(name, (f"kvbm_{name}", f"Pool counter {name}"))
                 if spec is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import urllib.request
 
 import numpy as np
 import zmq
@@ -22,7 +23,7 @@ from kvbm_shm.cluster.keys import ClusterKeys, secure_client
 from kvbm_shm.errors import ErrorCode
 from kvbm_shm.shm import PoolSegment
 
-from ..procs import wait_for
+from ..procs import free_port, wait_for
 
 LAYERS, HEADS, PAGE, HEAD_DIM, DEVICE_BLOCKS = 2, 2, 16, 32, 64
 HASHES = sequence_hashes(list(range(DEVICE_BLOCKS * PAGE)), PAGE)
@@ -67,8 +68,17 @@ def wait_index(engine: Engine, node: str, blocks: int, timeout_s: float = 20) ->
                     timeout_s, f"{blocks} blocks of node {node} in the remote index")
 
 
+def scrape(port: int) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def test_a_stores_b_hits_with_the_same_bytes(cluster):
-    a, b = cluster.start("a"), cluster.start("b")
+    metrics_port = free_port()
+    a, b = cluster.start("a"), cluster.start("b", "--metrics-port", str(metrics_port))
     ea = Engine(a)
     assert ea.store(0, 16).stored == 16
     eb = Engine(b)  # the same tensors, never stored on B: loads into zeroed ones compare with them
@@ -81,6 +91,13 @@ def test_a_stores_b_hits_with_the_same_bytes(cluster):
     g4 = eb.g4()
     assert g4["counters"]["remote_hit_blocks"] == 16
     assert g4["counters"]["remote_hit_bytes"] == 16 * ea.namespace.kv.block_bytes
+    assert ea.g4()["counters"]["served_blocks"] == 16
+    samples = scrape(metrics_port)
+    pool = (("model", "cluster-test"), ("pool", str(eb.pool.pool_id)))
+    assert samples["kvbm_hit_blocks_total", (*pool, ("tier", "g4"))] == 16
+    assert samples["kvbm_hit_blocks_total", (*pool, ("tier", "g2"))] == 16  # the second load
+    assert samples["kvbm_cluster_bytes_total", (("direction", "read"), ("tier", "g4"))] == 16 * ea.namespace.kv.block_bytes
+    assert samples["kvbm_cluster_nodes", (("tier", "g4"),)] == 1
     ea.close(), eb.close()
 
 
