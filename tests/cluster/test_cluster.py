@@ -11,6 +11,7 @@ B; a client without the cluster secret gets nothing from the TCP endpoint.
 from __future__ import annotations
 
 import dataclasses
+import signal
 import threading
 import time
 import urllib.request
@@ -281,3 +282,27 @@ def test_the_tcp_endpoint_answers_only_holders_of_the_secret(cluster):
     assert ea.g4()["refused_requests"] == 1
     ctx.term()
     ea.close()
+
+
+def test_a_stalled_peer_is_a_miss_within_the_deadline(cluster):
+    deadline_ms = 1500
+    a, b = cluster.start("a"), cluster.start("b", deadline_ms=deadline_ms)
+    ea = Engine(a)
+    assert ea.store(0, 8).stored == 8
+    eb = Engine(b)
+    wait_index(eb, "a", 8)
+    wait_for(lambda: eb.g4()["registered_pools"] == 1, 20, "B's pool registered with NIXL")
+    a.proc.send_signal(signal.SIGSTOP)  # alive but silent: the pin request is never answered
+    try:
+        started = time.monotonic()
+        result, _ = eb.load(0, 8)
+        took = time.monotonic() - started
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    assert result.loaded == 0
+    assert deadline_ms / 1000 - 0.1 < took < deadline_ms / 1000 + 1.5
+    assert eb.g4()["counters"]["fetch_errors"] == 1
+    # A answers again: the next lookup is a hit (a new lease; the old one's pins lapsed on A)
+    result, same = eb.load(0, 8)
+    assert (result.loaded, result.tiers, same) == (8, [p.Tier.CLUSTER] * 8, True)
+    ea.close(), eb.close()
