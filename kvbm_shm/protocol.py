@@ -436,7 +436,7 @@ Reply = Union[Reply, DeviceReply, TransferReply, TransfersReply]
 # opened there with `Hello` (its pid is taken as 0: only the lease timeout applies). Only Hello,
 # Heartbeat, Goodbye, Release and the two below are answered on that endpoint. `PeerPin` pins the
 # longest G2 prefix of `hashes` in the namespace `fingerprint` under the lease and says where the
-# blocks are (pool, ids, checksums, the pool's data address and stride in the serving process, for
+# blocks are (pool, ids, checksums, the data address and stride in the serving NIXL agent, for
 # a NIXL READ); the puller verifies every block's checksum after the read and releases the pins
 # with `Release`. `metadata` is the serving node's NIXL agent metadata, sent when
 # `metadata_version` differs from what the puller says it has. `PeerContents` pages through the
@@ -458,7 +458,7 @@ class PeerPinReply(_Reply, tag="peer_pin"):
     block_ids: list[int]  # the pinned G2 prefix
     checksums: list[int]
     block_bytes: int
-    data_address: int  # of block 0 in the serving process; block b is at data_address + b * block_stride
+    data_address: int  # of block 0 where the serving node's NIXL agent maps it; block b at + b * block_stride
     block_stride: int
     metadata_version: int
     metadata: bytes = b""

@@ -6,9 +6,9 @@
   events were missed: the node's entries are dropped and rebuilt by a resync (`PeerContents`
   pages), which also runs when a peer joins and at its first batch. A node whose key goes (its
   lease expired, or it left) is dropped: index entries, subscription, link, NIXL peer.
-- The transfer thread owns this node's NIXL agent (`transport`: the pools peers read from; its
-  progress thread serves them), the reader process (`reader`: our reads, out of this process) and
-  the links to peers (`peers`): it registers pools, runs resyncs, and runs fetches one at a time.
+- The transfer thread owns the NIXL agent process (`agent`: this node's NIXL agent, which maps
+  and registers our pools, serves peers' reads and runs ours, out of this process) and the links
+  to peers (`peers`): it registers pools, runs resyncs, and runs fetches one at a time.
 
 `fetch(node, fingerprint, hashes, segment_key, local_ids, local_blocks, deadline)` returns a future
 of a `FetchResult`: the peer pins the longest prefix it holds in G2 (`PeerPin`), one NIXL READ moves
@@ -17,8 +17,8 @@ their numpy views here, owned by the caller until the future is done), every
 block is checksummed against what the peer recorded, and the future is set: `ok` blocks verified
 (a prefix), their checksums. The peer's pins are released after the future is set. A fetch that
 cannot finish by `deadline` (peer unreachable, killed mid-read, pin refused, too slow) ends with
-`ok` = 0 or a shorter verified prefix, never later than the deadline plus the reader's grace
-(a reader that overruns is killed, so nothing lands in the blocks afterwards). Fetches queue behind each other; one that reaches the front after its deadline ends at once.
+`ok` = 0 or a shorter verified prefix, never later than the deadline plus the agent process's grace
+(an agent process that overruns is killed, so nothing lands in the blocks afterwards). Fetches queue behind each other; one that reaches the front after its deadline ends at once.
 """
 
 from __future__ import annotations
@@ -35,13 +35,12 @@ import zmq
 from .. import protocol as p
 from ..errors import KvbmError
 from ..kernels import cpu_copy
-from . import transport as nixl
+from .agent import AgentProcess
 from .etcd import EtcdClient
 from .index import RemoteIndex
 from .keys import ClusterKeys, secure_client
 from .membership import Membership, NodeRecord
 from .peers import PeerError, PeerLink
-from .reader import Reader
 
 log = logging.getLogger(__name__)
 
@@ -75,31 +74,35 @@ class ClusterNode:
         self.index = RemoteIndex(index_blocks)
         self.counters: Counter = Counter()
         self.members: dict[str, NodeRecord] = {}  # the other nodes, as etcd last said
-        self.metadata = (b"", -1)  # our NIXL metadata and its version, once the agent exists
-        self._registered: set[object] = set()
+        self.metadata = (b"", -1)  # our NIXL metadata and its version, once the agent process runs
+        self._registered: set[str] = set()
+        self._addresses: dict[str, int] = {}
         self._fingerprints: list[str] = []
         self._ctx = zmq.Context()
         self._membership = Membership(EtcdClient(etcd), name, ttl_s)
         self._stop = threading.Event()
         self._xfer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvbm-cluster-xfer")
-        self._transport: nixl.NixlTransport | None = None
-        self._reader = Reader(name)
+        self._agent = AgentProcess(name)
         self._links: dict[str, PeerLink] = {}
         self._agents: dict[str, tuple[str, int]] = {}  # node -> (NIXL agent name, metadata version)
-        self._ready = self._xfer.submit(self._open_transport)
+        self._xfer.submit(self._start_agent)
         self._thread = threading.Thread(target=self._run, name="kvbm-cluster-members", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------ called from the coordinator's loop
 
-    def register(self, key: str, segment: str, address: int, size: int) -> None:
-        self._xfer.submit(self._register, key, segment, address, size)
+    def register(self, key: str, segment: str) -> None:
+        self._xfer.submit(self._register, key, segment)
 
     def deregister(self, key: object) -> concurrent.futures.Future:
         return self._xfer.submit(self._deregister, key)
 
-    def registered(self, key: object) -> bool:
+    def registered(self, key: str) -> bool:
         return key in self._registered
+
+    def address(self, key: str) -> int:
+        """Where the registered segment `key`'s block 0 is in the agent process (what peers read)."""
+        return self._addresses.get(key, 0)
 
     def set_fingerprints(self, fingerprints: list[str]) -> None:
         self._fingerprints = sorted(fingerprints)
@@ -110,18 +113,22 @@ class ClusterNode:
                                  deadline)
 
     @property
-    def reader_restarts(self) -> int:
-        return self._reader.restarts
+    def agent_restarts(self) -> int:
+        return self._agent.restarts
 
     @property
     def reachable(self) -> bool:
         return self._membership.reachable
 
     def close(self) -> None:
+        """Leave etcd and stop the agent process (a call in flight on the transfer thread ends at once)."""
         self._stop.set()
         self._thread.join(10)
-        self._xfer.submit(self._close_transport)
-        self._xfer.shutdown(wait=True, cancel_futures=False)
+        self._agent.terminate()
+        self._xfer.shutdown(wait=True, cancel_futures=True)
+        for link in self._links.values():
+            link.close()
+        self._agent.close()
         self._ctx.term()
 
     # ------------------------------------------------------------ membership thread
@@ -130,7 +137,7 @@ class ClusterNode:
         md, version = self.metadata
         if version < 0:
             return None
-        return NodeRecord(name=self.name, instance_id=self.instance_id, agent=self._transport.name, metadata=md,
+        return NodeRecord(name=self.name, instance_id=self.instance_id, agent=self._agent.agent, metadata=md,
                           metadata_version=version, control=self.control, events=self.events,
                           fingerprints=list(self._fingerprints))
 
@@ -214,31 +221,31 @@ class ClusterNode:
 
     # ------------------------------------------------------------ transfer thread
 
-    def _open_transport(self) -> None:
-        self._transport = nixl.NixlTransport(f"{self.name}-{self.instance_id[:12]}")
-        self._reader.start()
-        self.metadata = (self._transport.metadata(), self._transport.version)
+    def _start_agent(self) -> None:
+        try:
+            self._agent.start()
+        except (KvbmError, TimeoutError) as e:
+            log.error("cluster: the NIXL agent process did not start (%s): no remote hits until it does", e)
+        self._published()
 
-    def _register(self, key: str, segment: str, address: int, size: int) -> None:
-        self._transport.register(key, address, size)
-        self._reader.map(key, segment)
-        self._registered.add(key)
-        self.metadata = (self._transport.metadata(), self._transport.version)
+    def _published(self) -> None:
+        """Our NIXL metadata and addresses as peers should see them now (a restarted agent process
+        changes both): the addresses first, so that a reply never pairs new metadata with old ones."""
+        self._addresses = dict(self._agent.addresses)
+        self.metadata = (self._agent.metadata, self._agent.version)
 
-    def _deregister(self, key: object) -> None:
+    def _register(self, key: str, segment: str) -> None:
+        try:
+            self._agent.map(key, segment)
+            self._registered.add(key)
+        except (KvbmError, TimeoutError) as e:
+            log.error("cluster: pool segment %s not registered with NIXL: %s", segment, e)
+        self._published()
+
+    def _deregister(self, key: str) -> None:
         self._registered.discard(key)
-        self._reader.unmap(key)
-        if self._transport is not None:
-            self._transport.deregister(key)
-            self.metadata = (self._transport.metadata(), self._transport.version)
-
-    def _close_transport(self) -> None:
-        for link in self._links.values():
-            link.close()
-        self._links.clear()
-        self._reader.close()
-        if self._transport is not None:
-            self._transport.close()
+        self._agent.unmap(key)
+        self._published()
 
     def _forget(self, node: str) -> None:
         link = self._links.pop(node, None)
@@ -246,7 +253,7 @@ class ClusterNode:
             link.close()
         agent = self._agents.pop(node, None)
         if agent is not None:
-            self._reader.remove_peer(agent[0])
+            self._agent.remove_peer(agent[0])
 
     def _link(self, node: str) -> PeerLink:
         rec = self.members.get(node)
@@ -284,6 +291,7 @@ class ClusterNode:
             self.counters["fetch_timeouts"] += 1
             return FetchResult(error="deadline passed before the fetch started")
         agent, version = self._agents.get(node, ("", -1))
+        t0 = time.monotonic()
         try:
             link = self._link(node)
             pin = link.call(lambda req, lease: p.PeerPin(req=req, lease=lease, fingerprint=fingerprint,
@@ -301,20 +309,22 @@ class ClusterNode:
             nbytes = len(local_blocks[0])
             if pin.block_bytes != nbytes or pin.block_stride < nbytes:
                 raise PeerError(f"node {node} has blocks of {pin.block_bytes} bytes, ours are {nbytes}")
-            if pin.metadata:
+            if pin.metadata or not self._agent.knows(agent):
+                if not pin.metadata:
+                    raise PeerError(f"node {node} sent no NIXL metadata")
                 if agent:
-                    self._reader.remove_peer(agent)
-                agent = self._reader.add_peer(pin.metadata)
+                    self._agent.remove_peer(agent)
+                agent = self._agent.add_peer(pin.metadata)
                 self._agents[node] = (agent, pin.metadata_version)
-            if not agent:
-                raise PeerError(f"node {node} sent no NIXL metadata")
             remote = [pin.data_address + b * pin.block_stride for b in pin.block_ids[:n]]
             self.counters["reads"] += 1
-            started = time.monotonic()
-            state = self._reader.read(agent, segment_key, local_ids[:n], remote, nbytes, deadline)
-            log.debug("cluster: read of %d block(s) from node %s: %s in %.1f ms", n, node, state,
-                      (time.monotonic() - started) * 1000)
-            if state != nixl.DONE:
+            t1 = time.monotonic()
+            state = self._agent.read(agent, segment_key, local_ids[:n], remote, nbytes, deadline)
+            self._published()  # a read that overran restarted the agent process
+            t2 = time.monotonic()
+            log.debug("cluster: %d block(s) from node %s: pin %.2f ms, read %s in %.2f ms", n, node,
+                      (t1 - t0) * 1000, state, (t2 - t1) * 1000)
+            if state != "done":
                 self.counters["read_failures"] += 1
                 result.error = f"NIXL read from node {node} {state}"
                 return result
@@ -329,7 +339,7 @@ class ClusterNode:
             self.counters["remote_hit_blocks"] += ok
             self.counters["remote_hit_bytes"] += ok * nbytes
             return result
-        except KvbmError as e:
+        except (KvbmError, TimeoutError) as e:
             self.counters["fetch_errors"] += 1
             result.error = str(e)
             log.warning("cluster: fetch from node %s failed: %s", node, e)

@@ -7,10 +7,10 @@ registration, so it comes with a `version`. `add_peer(metadata)` loads (or reloa
 returns its agent name. `read(peer, local, remote, nbytes, deadline)` moves `nbytes` from each
 remote address to the local one at the same position and returns `DONE`, `FAILED` (the transfer
 ended without completing: nothing more will be written) or `STUCK` (the deadline passed and NIXL
-could not cancel it: the local blocks may still be written until this process ends; `reader`
+could not cancel it: the local blocks may still be written until this process ends; `agent`
 then kills it).
 
-Not thread-safe: one thread owns a transport (`node.ClusterNode`'s transfer thread, or the reader process). UCX reads
+Not thread-safe: one thread owns a transport (the agent process: `agent`). UCX reads
 the usual environment (`UCX_TLS`, `UCX_NET_DEVICES`; `UCX_MODULES=^ib` where libibverbs is
 installed without an RDMA device). The data plane is not authenticated by NIXL: a node that has
 our metadata can read and write registered memory; only the control plane (CURVE) and checksums

@@ -5,14 +5,14 @@ operation runs on the threads of `cluster.node.ClusterNode`, so no hook blocks.
 Built only with `--cluster` (`ClusterTier.open(config, coordinator, instance_id, endpoint)`, after
 the server bound its `cluster.endpoint.PeerEndpoint`).
 
-- `attach(pool, ns)`: registers the pool's data region with NIXL (peers read it; our fetches land
-  in it) and announces the namespace in this node's etcd record.
+- `attach(pool, ns)`: registers the pool's data region with NIXL, in the agent process (peers
+  read it; our fetches land in it) and announces the namespace in this node's etcd record.
 - `prepare_load(pool, hashes, g2_ids)`: when the remote index says a node holds the next hash,
   pins the G2 prefix, allocates G2 blocks for the run that node holds (Partial, owner 0) and asks
   the transfer thread to fetch them (`ClusterNode.fetch`, deadline `cluster_deadline_ms`). The
   `Staging` it returns commits the verified prefix (tier 4 in the reply; Registered in G2, so the
   next lookup on this node hits in G2), frees the rest, and answers within the deadline (plus the
-  reader's grace: a read that overruns kills the reader process, so nothing lands in freed blocks).
+  agent process's grace: a read that overruns kills that process, so nothing lands in freed blocks).
 - Handlers for peers (`PeerPin`, `PeerContents`; served only on the cluster endpoint): pins under
   the peer's lease the G2 prefix it asks for, or pages through the hashes of every pool.
 - `stats()`: node, members, index size, counters (remote hits and bytes, failures).
@@ -105,7 +105,7 @@ class ClusterTier(Tier):
     def attach(self, pool: BlockPool, namespace: Namespace) -> None:
         seg = pool.segment
         self._segments[pool.pool_id] = seg.segment_id
-        self.node.register(seg.segment_id, seg.name, seg.data_address, seg.num_blocks * seg.block_stride)
+        self.node.register(seg.segment_id, seg.name)
         self.node.set_fingerprints(sorted({q.fingerprint for q in self.coordinator.pools.values()} | {pool.fingerprint}))
 
     def prepare_load(self, pool: BlockPool, hashes: list[bytes], g2_ids: list[int]) -> RemoteStaging | None:
@@ -140,7 +140,7 @@ class ClusterTier(Tier):
                 "control": self.endpoint.control, "events": self.endpoint.events, "nodes": members,
                 "registered_pools": sum(map(self.node.registered, self._segments.values())),
                 "index_blocks": len(self.node.index), "index_dropped": self.node.index.dropped,
-                "reader_restarts": self.node.reader_restarts, "refused_requests": self.endpoint.refused,
+                "agent_restarts": self.node.agent_restarts, "refused_requests": self.endpoint.refused,
                 "counters": dict(self.counters)}
 
     def metric_families(self, Counter, Gauge):
@@ -184,7 +184,8 @@ class ClusterTier(Tier):
         self.counters["served_bytes"] += len(ids) * pool.segment.block_bytes
         return p.PeerPinReply(req=m.req, pool_id=pool.pool_id, block_ids=ids,
                               checksums=pool.table["checksum"][ids].tolist() if ids else [],
-                              block_bytes=pool.segment.block_bytes, data_address=pool.segment.data_address,
+                              block_bytes=pool.segment.block_bytes,
+                              data_address=self.node.address(pool.segment.segment_id),
                               block_stride=pool.segment.block_stride, metadata_version=version,
                               metadata=md if m.metadata_version != version else b"")
 

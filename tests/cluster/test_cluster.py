@@ -170,7 +170,7 @@ def test_a_killed_mid_read_is_a_miss_within_the_deadline(cluster):
     observer = Client(instance=b.instance, runtime_dir=b.runtime_dir, name="observer", timeout_s=20)
     t = threading.Thread(target=load)
     t.start()
-    wait_for(lambda: observer.stats().tiers["g4"]["counters"].get("reads", 0) >= 1, 10, "B's NIXL read under way")
+    wait_for(lambda: observer.stats().tiers["g4"]["counters"].get("reads", 0) >= 1, 30, "B's NIXL read under way")
     a.kill()
     t.join(30)
     assert not t.is_alive()
