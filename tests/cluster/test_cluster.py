@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -305,4 +307,20 @@ def test_a_stalled_peer_is_a_miss_within_the_deadline(cluster):
     # A answers again: the next lookup is a hit (a new lease; the old one's pins lapsed on A)
     result, same = eb.load(0, 8)
     assert (result.loaded, result.tiers, same) == (8, [p.Tier.CLUSTER] * 8, True)
+    ea.close(), eb.close()
+
+
+def test_top_shows_the_cluster(cluster):
+    a, b = cluster.start("a"), cluster.start("b")
+    ea = Engine(a)
+    assert ea.store(0, 4).stored == 4
+    eb = Engine(b)
+    wait_index(eb, "a", 4)
+    wait_for(lambda: eb.g4()["registered_pools"] == 1, 20, "B's pool registered with NIXL")
+    assert eb.load(0, 4)[0].tiers == [p.Tier.CLUSTER] * 4
+    out = subprocess.run([sys.executable, "-m", "kvbm_shm", "top", b.instance, "--runtime-dir", str(b.runtime_dir),
+                          "--iterations", "1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (f"cluster node b (etcd reachable), peers a, index 4 blocks, remote hits 4 blocks "
+            f"({4 * ea.namespace.kv.block_bytes / 1024:.1f} KiB") in out.stdout, out.stdout
     ea.close(), eb.close()
