@@ -189,7 +189,8 @@ def _do(transport, segments: dict, msg: dict) -> dict:
     elif op == "metadata":
         out["metadata"] = transport.metadata()
     elif op == "map":
-        seg = segments[msg["key"]] = PoolSegment.attach(msg["segment"], populate=False, table_writable=False)
+        # pre-faulted here, at registration: a first read must not fault in every page it touches
+        seg = segments[msg["key"]] = PoolSegment.attach(msg["segment"], table_writable=False)
         transport.register(msg["key"], seg.data_address, seg.num_blocks * seg.block_stride)
         out["address"] = seg.data_address
     elif op == "unmap":

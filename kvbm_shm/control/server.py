@@ -144,6 +144,7 @@ class Server:
             poller.register(sock, zmq.POLLIN)
         if self.peers is not None:
             poller.register(self.peers.router, zmq.POLLIN)
+            poller.register(self.peers.wakeup_fd, zmq.POLLIN)
         flush_pending = False
         while not self._stop.is_set():
             timeout_ms = 2 if self._deferred or flush_pending else _POLL_MS
@@ -159,6 +160,8 @@ class Server:
                 elif self.peers is not None and sock is self.peers.router:
                     self.peers.drain(self.coordinator.handle, self.coordinator.error_reply)
                     flush_pending = True
+                elif self.peers is not None and sock == self.peers.wakeup_fd:  # a remote fetch is done
+                    self.peers.drain_wakeups()
                 else:
                     self._survive(f"{groups[sock].kind} workers", groups[sock].on_readable)
             if self._deferred:
