@@ -41,6 +41,7 @@ class AgentError(KvbmError):
     code = ErrorCode.INTERNAL
 
 _GRACE_S = 0.5
+_PROGRESS_S = 0.002  # idle: how often the agent process lets UCX serve peers (~3% of a core)
 _START_S = 120.0  # importing nixl and creating an agent on a busy machine
 _versions = itertools.count(1)
 
@@ -165,6 +166,9 @@ def _main(conn: Connection, name: str) -> None:
     segments: dict = {}
     while True:
         try:
+            if not conn.poll(_PROGRESS_S):
+                transport.progress()
+                continue
             msg = msgspec.msgpack.decode(conn.recv_bytes())
         except (EOFError, OSError):
             break

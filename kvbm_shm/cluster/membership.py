@@ -15,7 +15,6 @@ membership thread.
 from __future__ import annotations
 
 import logging
-import time
 
 import msgspec
 

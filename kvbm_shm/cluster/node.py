@@ -146,7 +146,9 @@ class ClusterNode:
         poller = zmq.Poller()
         try:
             while not self._stop.is_set():
-                ready = dict(poller.poll(_TICK_MS))
+                if not subs:  # zmq's poll returns at once when it has nothing to poll
+                    self._stop.wait(_TICK_MS / 1000)
+                ready = dict(poller.poll(_TICK_MS)) if subs else {}
                 for node, sub in list(subs.items()):
                     if sub.sock in ready:
                         self._drain(node, sub)

@@ -1,6 +1,8 @@
 """NIXL reads of a peer's G2 blocks into ours: one READ of scattered descriptors per fetch.
 
-`NixlTransport(name)` creates a NIXL agent (UCX backend). Pool data regions are registered with
+`NixlTransport(name)` creates a NIXL agent (UCX backend) without NIXL's progress thread (it
+polls with no delay: a whole core per process, idle or not); the owner calls `progress()` when it
+has nothing else to do, which lets UCX serve peers' reads, and `read` progresses its own. Pool data regions are registered with
 `register(key, address, size)` (DRAM) on both sides: the peer's, so we may read it, ours, so the
 bytes may land there. `metadata()` is what a peer needs to reach this agent; it changes with every
 registration, so it comes with a `version`. `add_peer(metadata)` loads (or reloads) a peer's and
@@ -35,7 +37,7 @@ class NixlTransport:
         from nixl._api import nixl_agent, nixl_agent_config  # optional dependency: only with --cluster
 
         self.name = name
-        self.agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=True, backends=["UCX"]))
+        self.agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
         self._regs: dict[object, object] = {}
         self._peers: dict[str, bytes] = {}  # agent name -> metadata loaded
         self.version = 0
@@ -50,6 +52,10 @@ class NixlTransport:
         if descs is not None:
             self.agent.deregister_memory(descs)
             self.version += 1
+
+    def progress(self) -> None:
+        """Let UCX make progress (peers' reads of our memory, connections): one non-blocking call."""
+        self.agent.get_new_notifs()
 
     def metadata(self) -> bytes:
         return self.agent.get_agent_metadata()
