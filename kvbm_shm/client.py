@@ -129,7 +129,8 @@ def check_hits(num_blocks: int, num_hashes: int, block_ids: list[int], tiers: li
     if len(block_ids) > num_hashes or not _in_pool(block_ids, num_blocks):
         raise ProtocolError(f"reply names {len(block_ids)} hit blocks for {num_hashes} hashes, ids "
                             f"{block_ids[:8]}; the pool has {num_blocks} blocks")
-    if tiers is not None and (len(tiers) != len(block_ids) or not set(tiers) <= {p.Tier.CPU, p.Tier.DISK, p.Tier.CLUSTER}):
+    if tiers is not None and (len(tiers) != len(block_ids)
+                              or not set(tiers) <= {p.Tier.CPU, p.Tier.DISK, p.Tier.CLUSTER}):
         raise ProtocolError(f"reply names tiers {tiers[:8]} for {len(block_ids)} hit blocks")
 
 

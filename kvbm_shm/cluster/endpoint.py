@@ -1,13 +1,13 @@
 """The coordinator's cluster endpoints: a ROUTER for peers' requests and a PUB for its KV events,
 both TCP with ZeroMQ CURVE (`keys`: only holders of the cluster secret get through the handshake).
 
-`PeerEndpoint(ctx, keys, address, port)` (or `for_config(ctx, config)`) binds both (port 0: any free ports; else `port` and
-`port + 1`) and starts the context's ZAP handler. `drain(answer)` answers up to one batch of
-requests with `answer(request)`; only `PEER_REQUESTS` are accepted (anything else gets
-UNKNOWN_OP), a Hello's pid is taken as 0 (a peer's pid means nothing here: only the lease timeout
-ends its lease), and the same bounds as the local endpoint apply: frame size, two frames, queued
-replies and requests per peer, handshake time. `publish(frames)` sends an event batch.
-`wake()` (any thread) makes `wakeup_fd` readable, so the server's poll returns at once when a
+`PeerEndpoint(ctx, keys, address, port)` (or `for_config(ctx, config)`) binds both (port 0: any
+free ports; else `port` and `port + 1`) and starts the context's ZAP handler. `drain(answer)`
+answers up to one batch of requests with `answer(request)`; only `PEER_REQUESTS` are accepted
+(anything else gets UNKNOWN_OP), a Hello's pid is taken as 0 (a peer's pid means nothing here: only
+the lease timeout ends its lease), and the same bounds as the local endpoint apply: frame size, two
+frames, queued replies and requests per peer, handshake time. `publish(frames)` sends an event
+batch. `wake()` (any thread) makes `wakeup_fd` readable, so the server's poll returns at once when a
 remote fetch is done; `drain_wakeups()` empties it.
 """
 

@@ -1,11 +1,11 @@
 """What the other nodes of the cluster hold: (namespace fingerprint, sequence hash) -> {node: tier}.
 
 Fed by the peers' KV events (`apply`: G2 blocks only, what a peer serves) and by resyncs (`add`);
-read by lookups (`run_on`: the node holding the longest run). It is a hint: a node may have evicted a block since, and the fetch that follows finds
-out (a miss, never wrong bytes). Bounded: at most `max_entries` keys; past that the oldest keys
-are dropped. `drop_node` forgets everything a node announced (its etcd key went, or a resync of
-it starts). Thread-safe: the cluster's event thread writes, the coordinator's loop reads; each
-call holds the lock for O(batch) dict operations.
+read by lookups (`run_on`: the node holding the longest run). It is a hint: a node may have evicted
+a block since, and the fetch that follows finds out (a miss, never wrong bytes). Bounded: at most
+`max_entries` keys; past that the oldest keys are dropped. `drop_node` forgets everything a node
+announced (its etcd key went, or a resync of it starts). Thread-safe: the cluster's event thread
+writes, the coordinator's loop reads; each call holds the lock for O(batch) dict operations.
 """
 
 from __future__ import annotations

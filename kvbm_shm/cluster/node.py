@@ -18,7 +18,8 @@ block is checksummed against what the peer recorded, and the future is set: `ok`
 (a prefix), their checksums. The peer's pins are released after the future is set. A fetch that
 cannot finish by `deadline` (peer unreachable, killed mid-read, pin refused, too slow) ends with
 `ok` = 0 or a shorter verified prefix, never later than the deadline plus the agent process's grace
-(an agent process that overruns is killed, so nothing lands in the blocks afterwards). Fetches queue behind each other; one that reaches the front after its deadline ends at once.
+(an agent process that overruns is killed, so nothing lands in the blocks afterwards). Fetches
+queue behind each other; one that reaches the front after its deadline ends at once.
 """
 
 from __future__ import annotations
@@ -166,7 +167,8 @@ class ClusterNode:
     def _update_members(self, members: dict[str, NodeRecord], subs: dict[str, _Sub], poller: zmq.Poller) -> None:
         for node in list(subs):
             rec = members.get(node)
-            if rec is None or rec.instance_id != subs[node].record.instance_id or rec.events != subs[node].record.events:
+            known = subs[node].record
+            if rec is None or rec.instance_id != known.instance_id or rec.events != known.events:
                 self._leave(node, subs.pop(node), poller, "left the cluster" if rec is None else "restarted")
         for node, rec in members.items():
             if node not in subs:

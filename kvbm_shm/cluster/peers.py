@@ -6,8 +6,8 @@ again (once) when the peer answers UNKNOWN_LEASE (a lease that lapsed while idle
 peer). A reply that does not come before `deadline` raises `PeerError(TIMEOUT)`; the link then
 drops its socket (a late reply must not be taken for the next request's) and its lease (pins a
 request that timed out may have taken lapse with it on the peer, after the peer's lease_ms), and
-says Hello anew on the next call. An `ErrorReply` raises `PeerError` with its code. Blocking: used only from the cluster's
-transfer thread, which owns its links.
+says Hello anew on the next call. An `ErrorReply` raises `PeerError` with its code. Blocking: used
+only from the cluster's transfer thread, which owns its links.
 """
 
 from __future__ import annotations

@@ -2,15 +2,15 @@
 
 `NixlTransport(name)` creates a NIXL agent (UCX backend) without NIXL's progress thread (it
 polls with no delay: a whole core per process, idle or not); the owner calls `progress()` when it
-has nothing else to do, which lets UCX serve peers' reads, and `read` progresses its own. Pool data regions are registered with
-`register(key, address, size)` (DRAM) on both sides: the peer's, so we may read it, ours, so the
-bytes may land there. `metadata()` is what a peer needs to reach this agent; it changes with every
-registration, so it comes with a `version`. `add_peer(metadata)` loads (or reloads) a peer's and
-returns its agent name. `read(peer, local, remote, nbytes, deadline)` moves `nbytes` from each
-remote address to the local one at the same position and returns `DONE`, `FAILED` (the transfer
-ended without completing: nothing more will be written) or `STUCK` (the deadline passed and NIXL
-could not cancel it: the local blocks may still be written until this process ends; `agent`
-then kills it).
+has nothing else to do, which lets UCX serve peers' reads, and `read` progresses its own. Pool data
+regions are registered with `register(key, address, size)` (DRAM) on both sides: the peer's, so we
+may read it, ours, so the bytes may land there. `metadata()` is what a peer needs to reach this
+agent; it changes with every registration, so it comes with a `version`. `add_peer(metadata)` loads
+(or reloads) a peer's and returns its agent name. `read(peer, local, remote, nbytes, deadline)`
+moves `nbytes` from each remote address to the local one at the same position and returns `DONE`,
+`FAILED` (the transfer ended without completing: nothing more will be written) or `STUCK` (the
+deadline passed and NIXL could not cancel it: the local blocks may still be written until this
+process ends; `agent` then kills it).
 
 Not thread-safe: one thread owns a transport (the agent process: `agent`). UCX reads
 the usual environment (`UCX_TLS`, `UCX_NET_DEVICES`; `UCX_MODULES=^ib` where libibverbs is

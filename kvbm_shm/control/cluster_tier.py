@@ -106,7 +106,8 @@ class ClusterTier(Tier):
         seg = pool.segment
         self._segments[pool.pool_id] = seg.segment_id
         self.node.register(seg.segment_id, seg.name)
-        self.node.set_fingerprints(sorted({q.fingerprint for q in self.coordinator.pools.values()} | {pool.fingerprint}))
+        fingerprints = {q.fingerprint for q in self.coordinator.pools.values()} | {pool.fingerprint}
+        self.node.set_fingerprints(sorted(fingerprints))
 
     def prepare_load(self, pool: BlockPool, hashes: list[bytes], g2_ids: list[int]) -> RemoteStaging | None:
         rest = hashes[len(g2_ids):len(g2_ids) + p.MAX_PEER_BLOCKS]
@@ -163,7 +164,7 @@ class ClusterTier(Tier):
         yield from (nodes, index, nbytes, failures)
 
     def close(self) -> None:
-        """Before the pools are unmapped: NIXL lets go of their memory, and this node leaves etcd."""
+        """Before the pools go: this node leaves etcd, and its NIXL agent process stops."""
         self.node.close()
 
     # ------------------------------------------------------------ peers' requests

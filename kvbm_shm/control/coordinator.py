@@ -193,7 +193,7 @@ class Coordinator:
     def close(self) -> None:
         """Unlink every pool (clean shutdown); each one's `PoolCleared` event is left to publish."""
         self._executor.shutdown(wait=True, cancel_futures=True)
-        if self.cluster is not None:  # NIXL lets go of the pools' memory before it is unmapped
+        if self.cluster is not None:  # leave the cluster (etcd, peers, the NIXL agent) before the pools go
             self.cluster.close()
         for fut in self._creating.values():
             if fut.done() and fut.exception() is None:

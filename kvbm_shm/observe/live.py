@@ -103,7 +103,8 @@ def summarize(current: p.StatsReply, previous: p.StatsReply | None = None, inter
             hit_bytes_per_s=rate(_sum(current, "hit_blocks", True), _sum(previous, "hit_blocks", True)),
             evictions_per_s=rate(_sum(current, "evicted_blocks"), _sum(previous, "evicted_blocks")))
     return TopView(
-        cluster=_cluster(current, previous, interval_s), instance=current.instance, pid=current.pid, uptime_s=current.uptime_s,
+        cluster=_cluster(current, previous, interval_s),
+        instance=current.instance, pid=current.pid, uptime_s=current.uptime_s,
         interval_s=interval_s if previous is not None else None, tiers=[g2], requests_total=requests,
         errors_total=errors, hit_rate_total=_ratio(_sum(current, "hit_blocks"), _sum(current, "lookup_blocks")),
         pools=rows, clients=list(current.clients), **rates)
