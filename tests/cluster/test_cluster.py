@@ -325,3 +325,24 @@ def test_top_shows_the_cluster(cluster):
     assert (f"cluster node b (etcd reachable), peers a, index 4 blocks, remote hits 4 blocks "
             f"({4 * ea.namespace.kv.block_bytes / 1024:.1f} KiB") in out.stdout, out.stdout
     ea.close(), eb.close()
+
+
+def test_a_restarted_peer_is_resynced(cluster):
+    a, b = cluster.start("a"), cluster.start("b")
+    ea = Engine(a)
+    assert ea.store(0, 6).stored == 6
+    ea.client.close()
+    eb = Engine(b)
+    wait_index(eb, "a", 6)
+    resyncs = eb.g4()["counters"]["resyncs"]
+    a.kill()  # SIGKILL: the next coordinator of the instance adopts the pool it left
+    a.start(timeout_s=60)
+    # a new instance_id under the same node name: B drops what it knew and reads A's contents again
+    wait_for(lambda: eb.g4()["counters"]["resyncs"] > resyncs and eb.g4()["nodes"].get("a", {}).get(
+        "index_blocks") == 6, 30, "B's index of A rebuilt after A's restart")
+    wait_for(lambda: eb.g4()["registered_pools"] == 1, 20, "B's pool registered with NIXL")
+    with Client(instance=a.instance, runtime_dir=a.runtime_dir, name="observer", timeout_s=20) as observer:
+        wait_for(lambda: observer.stats().tiers["g4"]["registered_pools"] == 1, 30, "A's adopted pool registered")
+    result, same = eb.load(0, 6)
+    assert (result.loaded, result.tiers, same) == (6, [p.Tier.CLUSTER] * 6, True)
+    eb.close()
