@@ -66,6 +66,12 @@ class Engine:
         self.client.close()
 
 
+def wait_registered(*engines: Engine, timeout_s: float = 30) -> None:
+    """Every engine's node has registered its pool with NIXL (the serving side's and the reader's)."""
+    for e in engines:
+        wait_for(lambda: e.g4()["registered_pools"] == 1, timeout_s, "a pool registered with NIXL")
+
+
 def wait_index(engine: Engine, node: str, blocks: int, timeout_s: float = 20) -> dict:
     return wait_for(lambda: engine.g4()["nodes"].get(node, {}).get("index_blocks") == blocks and engine.g4(),
                     timeout_s, f"{blocks} blocks of node {node} in the remote index")
@@ -86,7 +92,7 @@ def test_a_stores_b_hits_with_the_same_bytes(cluster):
     assert ea.store(0, 16).stored == 16
     eb = Engine(b)  # the same tensors, never stored on B: loads into zeroed ones compare with them
     wait_index(eb, "a", 16)
-    wait_for(lambda: eb.g4()["registered_pools"] == 1, 20, "B's pool registered with NIXL")
+    wait_registered(ea, eb)
     result, same = eb.load(0, 16)
     assert (result.loaded, result.tiers, same) == (16, [p.Tier.CLUSTER] * 16, True)
     result, same = eb.load(0, 16)
@@ -111,7 +117,7 @@ def test_three_nodes_a_block_travels_on_after_its_first_node_leaves(cluster):
     assert ea.store(0, 8).stored == 8
     eb = Engine(b)
     wait_index(eb, "a", 8)
-    wait_for(lambda: eb.g4()["registered_pools"] == 1, 20, "B's pool registered with NIXL")
+    wait_registered(ea, eb)
     assert eb.load(0, 8)[0].tiers == [p.Tier.CLUSTER] * 8
     ea.close()
     started = time.monotonic()
@@ -122,7 +128,7 @@ def test_three_nodes_a_block_travels_on_after_its_first_node_leaves(cluster):
     ec = Engine(c)
     wait_index(ec, "b", 8)  # C joined after B stored them: it learnt them by a resync, not by events
     assert "a" not in ec.g4()["nodes"]
-    wait_for(lambda: ec.g4()["registered_pools"] == 1, 20, "C's pool registered with NIXL")
+    wait_registered(eb, ec)
     result, same = ec.load(0, 8)
     assert (result.loaded, result.tiers, same) == (8, [p.Tier.CLUSTER] * 8, True)
     eb.close(), ec.close()
@@ -163,7 +169,7 @@ def test_a_killed_mid_read_is_a_miss_within_the_deadline(cluster):
     assert ea.store_all().stored == BIG_BLOCKS
     eb = BigEngine(b)
     wait_index(eb, "a", BIG_BLOCKS)
-    wait_for(lambda: eb.g4()["registered_pools"] == 1, 20, "B's pool registered with NIXL")
+    wait_registered(ea, eb)
     out = {}
 
     def load():
@@ -214,7 +220,7 @@ def test_etcd_down_then_back(cluster):
     assert ea.store(0, 8).stored == 8
     eb = Engine(b)
     wait_index(eb, "a", 8)
-    wait_for(lambda: eb.g4()["registered_pools"] == 1, 20, "B's pool registered with NIXL")
+    wait_registered(ea, eb)
     cluster.etcd.stop()
     wait_for(lambda: eb.g4()["etcd"] == "unreachable", 10, "B to notice etcd is gone")
     # local tiers keep serving, and so do the peers B knew
@@ -243,7 +249,7 @@ def test_a_block_that_fails_its_checksum_on_the_peer_ends_the_prefix(cluster):
     seg.block(bad)[100] ^= 0xFF  # A's bytes no longer match the checksum A recorded
     eb = Engine(b)
     wait_index(eb, "a", 10)
-    wait_for(lambda: eb.g4()["registered_pools"] == 1, 20, "B's pool registered with NIXL")
+    wait_registered(ea, eb)
     result, same = eb.load(0, 10)
     assert (result.loaded, result.tiers, same) == (6, [p.Tier.CLUSTER] * 6, True)
     assert eb.g4()["counters"]["checksum_failures"] == 1
@@ -294,7 +300,7 @@ def test_a_stalled_peer_is_a_miss_within_the_deadline(cluster):
     assert ea.store(0, 8).stored == 8
     eb = Engine(b)
     wait_index(eb, "a", 8)
-    wait_for(lambda: eb.g4()["registered_pools"] == 1, 20, "B's pool registered with NIXL")
+    wait_registered(ea, eb)
     a.proc.send_signal(signal.SIGSTOP)  # alive but silent: the pin request is never answered
     try:
         started = time.monotonic()
@@ -311,19 +317,26 @@ def test_a_stalled_peer_is_a_miss_within_the_deadline(cluster):
     ea.close(), eb.close()
 
 
-def test_top_shows_the_cluster(cluster):
+def test_top_and_inspect_show_the_cluster(cluster):
     a, b = cluster.start("a"), cluster.start("b")
     ea = Engine(a)
     assert ea.store(0, 4).stored == 4
     eb = Engine(b)
     wait_index(eb, "a", 4)
-    wait_for(lambda: eb.g4()["registered_pools"] == 1, 20, "B's pool registered with NIXL")
+    wait_registered(ea, eb)
     assert eb.load(0, 4)[0].tiers == [p.Tier.CLUSTER] * 4
     out = subprocess.run([sys.executable, "-m", "kvbm_shm", "top", b.instance, "--runtime-dir", str(b.runtime_dir),
                           "--iterations", "1"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert (f"cluster node b (etcd reachable), peers a, index 4 blocks, remote hits 4 blocks "
             f"({4 * ea.namespace.kv.block_bytes / 1024:.1f} KiB") in out.stdout, out.stdout
+    out = subprocess.run([sys.executable, "-m", "kvbm_shm", "inspect", b.instance, "--runtime-dir",
+                          str(b.runtime_dir)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "cluster: node b, etcd reachable" in out.stdout, out.stdout
+    assert f"remote hits 4 blocks ({4 * ea.namespace.kv.block_bytes / 1024:.1f} KiB)" in out.stdout, out.stdout
+    row = next(line.split() for line in out.stdout.splitlines() if line.split()[:1] == ["a"])
+    assert row[:3] == ["a", "up", "4"], out.stdout
     ea.close(), eb.close()
 
 
