@@ -124,11 +124,12 @@ def _check_pool(seg: PoolSegment, reply: p.PoolReply, namespace: Namespace) -> N
 
 def check_hits(num_blocks: int, num_hashes: int, block_ids: list[int], tiers: list[int] | None = None) -> None:
     """A hit prefix from a reply: at most one block per hash, each a block of the pool, and (when
-    given) one tier per block, G2 or G3. ProtocolError otherwise."""
+    given) one tier per block, G2, G3 or G4. ProtocolError otherwise."""
     if len(block_ids) > num_hashes or not _in_pool(block_ids, num_blocks):
         raise ProtocolError(f"reply names {len(block_ids)} hit blocks for {num_hashes} hashes, ids "
                             f"{block_ids[:8]}; the pool has {num_blocks} blocks")
-    if tiers is not None and (len(tiers) != len(block_ids) or not set(tiers) <= {p.Tier.CPU, p.Tier.DISK}):
+    if tiers is not None and (len(tiers) != len(block_ids)
+                              or not set(tiers) <= {p.Tier.CPU, p.Tier.DISK, p.Tier.CLUSTER}):
         raise ProtocolError(f"reply names tiers {tiers[:8]} for {len(block_ids)} hit blocks")
 
 

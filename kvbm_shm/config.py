@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,6 +24,9 @@ from . import runtime
 from .errors import ConfigError
 
 _INSTANCE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,48}$")
+_NODE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_HOSTPORT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,253}:[0-9]{1,5}$")
+_ADDRESS_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,253}$")
 _DAY_MS = 86_400_000  # longest lease and deadline
 _MAX_WORKERS = 1024  # most worker processes or threads of one kind
 
@@ -90,6 +94,14 @@ class ServiceConfig:
     disk_write_through: bool = False  # write every committed block to G3 at once (default: write-back)
     disk_admit_uses: int = 2  # recent uses (stores, hits) before write-back takes a block to G3; 1: all
     disk_low_watermark: float = 0.25  # write back when free+clean blocks fall under this share of a pool
+    cluster: str = ""  # etcd://HOST:PORT[,HOST:PORT...]: join a cluster (G4); empty: this node stands alone
+    node_name: str = ""  # this node's name in the cluster; empty: the host name
+    advertise: str = "127.0.0.1"  # address the cluster endpoints bind and peers reach
+    cluster_port: int = 0  # first of two TCP ports (control, events) for peers; 0: any free ones
+    cluster_secret_file: str = ""  # file holding the cluster secret (CURVE keys derive from it); needed with cluster
+    cluster_ttl_s: int = 5  # etcd lease of this node's key: a dead node leaves the cluster after this
+    cluster_deadline_ms: int = 1000  # a remote fetch (pin, read, verify) that takes longer is a miss
+    cluster_index_blocks: int = 1_000_000  # remote index entries kept at most (oldest dropped past it)
 
     def __post_init__(self) -> None:
         _check_values(self)
@@ -116,6 +128,33 @@ class ServiceConfig:
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         if self.max_connections < 0:
             raise ConfigError(f"max_connections must not be negative, got {self.max_connections}")
+        self._check_cluster()
+
+    def _check_cluster(self) -> None:
+        _check_range("cluster_port", self.cluster_port, 0, 65534)
+        _check_range("cluster_ttl_s", self.cluster_ttl_s, 1, 3600)
+        _check_range("cluster_deadline_ms", self.cluster_deadline_ms, 10, 600_000)
+        _check_range("cluster_index_blocks", self.cluster_index_blocks, 1, 1 << 30)
+        if not self.cluster:
+            return
+        if not self.cluster.startswith("etcd://") or not all(_HOSTPORT_RE.match(a) for a in self.cluster_etcd):
+            raise ConfigError(f"cluster must be etcd://HOST:PORT[,HOST:PORT...], got {self.cluster!r}")
+        if not _NODE_RE.match(self.cluster_node):
+            raise ConfigError(f"node_name {self.cluster_node!r} must be 1-64 characters of [A-Za-z0-9_.-]")
+        if not _ADDRESS_RE.match(self.advertise):
+            raise ConfigError(f"advertise must be a host name or IP address, got {self.advertise!r}")
+        if not self.cluster_secret_file:
+            raise ConfigError("cluster needs cluster_secret_file: a file of ours, mode 0600, holding the secret "
+                              "every node of the cluster shares")
+
+    @property
+    def cluster_etcd(self) -> list[str]:
+        """The etcd endpoints of `cluster` as HOST:PORT."""
+        return [a for a in self.cluster.removeprefix("etcd://").split(",") if a]
+
+    @property
+    def cluster_node(self) -> str:
+        return self.node_name or socket.gethostname()
 
     @property
     def instance_dir(self) -> Path:

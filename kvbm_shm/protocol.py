@@ -62,6 +62,7 @@ class Tier:
     DEVICE = 1  # G1: an engine's own KV tensors
     CPU = 2  # G2: a shm pool block
     DISK = 3  # G3: a block file
+    CLUSTER = 4  # G4: another node's pool, read over the network into a G2 block
 
 
 # ---------------------------------------------------------------- requests
@@ -271,6 +272,7 @@ class StatsReply(_Reply, tag="stats"):
     clients: list[ClientInfo]
     counters: dict[str, int]
     disks: list[DiskStats] = []  # G3 files, one per namespace that has one
+    tiers: dict[str, dict] = {}  # each tier's own figures, by tier name ("g4": the cluster)
 
 
 Reply = Union[ErrorReply, OkReply, HelloReply, PoolReply, LookupReply, AllocateReply, StatsReply]
@@ -442,12 +444,67 @@ class Clear(_Request, tag="clear"):
 
 Request = Union[Request, Clear]
 
+
+# ---------------------------------------------------------------- cluster tier (G4)
+#
+# Requests a peer coordinator sends over the cluster's TCP endpoint (ZeroMQ CURVE), under a lease it
+# opened there with `Hello` (its pid is taken as 0: only the lease timeout applies). Only Hello,
+# Heartbeat, Goodbye, Release and the two below are answered on that endpoint. `PeerPin` pins the
+# longest G2 prefix of `hashes` in the namespace `fingerprint` under the lease and says where the
+# blocks are (pool, ids, checksums, the data address and stride in the serving NIXL agent, for
+# a NIXL READ); the puller verifies every block's checksum after the read and releases the pins
+# with `Release`. `metadata` is the serving node's NIXL agent metadata, sent when
+# `metadata_version` differs from what the puller says it has. `PeerContents` pages through the
+# hashes of every G2 pool (a resync of the puller's remote index).
+
+MAX_PEER_BLOCKS = 4096  # hashes in one PeerPin
+PEER_CONTENTS_PAGE = 8192  # hashes in one PeerContents reply
+
+
+class PeerPin(_Request, tag="peer_pin"):
+    lease: LeaseToken
+    fingerprint: ShortStr
+    hashes: Annotated[list[SequenceHash], msgspec.Meta(max_length=MAX_PEER_BLOCKS)]
+    metadata_version: int = -1  # the serving node's metadata version the puller holds
+
+
+class PeerPinReply(_Reply, tag="peer_pin"):
+    pool_id: int  # -1: no pool of that namespace here
+    block_ids: list[int]  # the pinned G2 prefix
+    checksums: list[int]
+    block_bytes: int
+    data_address: int  # of block 0 where the serving node's NIXL agent maps it; block b at + b * block_stride
+    block_stride: int
+    metadata_version: int
+    metadata: bytes = b""
+
+
+class PeerContents(_Request, tag="peer_contents"):
+    lease: LeaseToken
+    cursor: int = 0  # 0 on the first call, then the reply's next_cursor
+
+
+class PeerBlocks(msgspec.Struct, array_like=True):
+    fingerprint: str
+    tier: int
+    hashes: list[bytes]
+
+
+class PeerContentsReply(_Reply, tag="peer_contents"):
+    entries: list[PeerBlocks]
+    next_cursor: int  # 0: that was the last page
+
+
+Request = Union[Request, PeerPin, PeerContents]
+Reply = Union[Reply, PeerPinReply, PeerContentsReply]
+
 # The reply each request gets when it succeeds (besides an ErrorReply).
 REPLY_TO = {
     Hello: HelloReply, RegisterLayout: PoolReply, Lookup: LookupReply, Allocate: AllocateReply, Commit: OkReply,
     Release: OkReply, Free: OkReply, Touch: OkReply, Invalidate: OkReply, Cancel: OkReply, Heartbeat: OkReply,
     Goodbye: OkReply, Stats: StatsReply, RegisterDevice: DeviceReply, UnregisterDevice: OkReply,
     Offload: TransferReply, Onboard: TransferReply, WaitTransfers: TransfersReply, Clear: OkReply,
+    PeerPin: PeerPinReply, PeerContents: PeerContentsReply,
 }
 assert set(REPLY_TO) == set(Request.__args__)
 

@@ -7,6 +7,8 @@ Layers (README "Code layout"):
 - the core (`CORE`) imports nothing outside the core;
 - `kernels` (copy engines) know no policy: they import only the core;
 - `control` (the coordinator), `workers` and `client` never import each other;
+- `cluster` (the G4 machinery) never imports `control`, `workers` or `client`: the cluster tier
+  in `control` drives it;
 - `control` never imports `integrations` or `cli`, and of `device` only what describes or names
   engine memory without touching it (`DEVICE_FOR_CONTROL`): the export side and the handle
   importers (`device.client`, `device.ipc`, `device.cuda_ipc`, `device.fd_passing`) are
@@ -142,6 +144,8 @@ def forbidden(importer: str, imported: str) -> str | None:
         return "kernels know no policy: they import only the core"
     if {a, b} <= {"control", "workers", "client"}:
         return "control, workers and client meet only through the core"
+    if a == "cluster" and b in ("control", "workers", "client"):
+        return "the G4 machinery is driven by control's cluster tier, never the other way"
     if a == "control" and b == "device" and imported not in DEVICE_FOR_CONTROL:
         return "control never imports engine- or worker-side device code"
     if b == "cli":
@@ -167,4 +171,5 @@ def test_the_rules_catch_what_they_name():
     assert forbidden("kvbm_shm.kernels.cpu_copy", "kvbm_shm.disk.format")
     assert forbidden("kvbm_shm.cluster.peers", "kvbm_shm.integrations.sglang.connector")
     assert not forbidden("kvbm_shm.control.cluster_tier", "kvbm_shm.cluster.peers")
+    assert forbidden("kvbm_shm.cluster.node", "kvbm_shm.control.pool")
     assert not forbidden("kvbm_shm.control.metrics", "kvbm_shm")

@@ -67,8 +67,26 @@ def _print(r: snapshot.InstanceReport, args: argparse.Namespace) -> None:
         print(common.table(["ID", "NAME", "PID", "PINS", "WRITING", "LEASE LEFT"], [
             [x.client_id, x.name, x.pid, x.pins, x.pending, f"{x.expires_in_ms / 1000:.1f} s"] for x in r.clients],
             indent="  "))
+    if r.cluster:
+        _print_cluster(r.cluster)
     if args.hash is not None and not any(pool.records for pool in r.pools):
         print(f"\nno block with a hash starting {args.hash} is cached in instance {r.instance}")
+
+
+def _print_cluster(g4: dict) -> None:
+    k = g4.get("counters", {})
+    print(f"\ncluster: node {g4.get('node')}, etcd {g4.get('etcd')}, control {g4.get('control')}, "
+          f"events {g4.get('events')}")
+    print(f"  remote index {g4.get('index_blocks', 0)} blocks (dropped at the bound {g4.get('index_dropped', 0)}); "
+          f"remote hits {k.get('remote_hit_blocks', 0)} blocks ({common.human_bytes(k.get('remote_hit_bytes', 0))}), "
+          f"served {k.get('served_blocks', 0)} blocks ({common.human_bytes(k.get('served_bytes', 0))})")
+    print(f"  failures: fetch {k.get('fetch_errors', 0)}, read {k.get('read_failures', 0)}, "
+          f"checksum {k.get('checksum_failures', 0)}, late {k.get('fetch_timeouts', 0)}; resyncs {k.get('resyncs', 0)}")
+    nodes = g4.get("nodes", {})
+    if nodes:
+        print(common.table(["NODE", "STATE", "INDEX BLOCKS", "CONTROL"], [
+            [name, n.get("state"), n.get("index_blocks"), n.get("control")] for name, n in sorted(nodes.items())],
+            indent="  "))
 
 
 def _print_pool(pool: snapshot.PoolReport, args: argparse.Namespace) -> None:

@@ -37,6 +37,14 @@ HELP = {
     "disk_write_through": "write every stored block to disk at once (default: write-back with admission)",
     "disk_admit_uses": "recent uses before write-back takes a block to disk (default 2; 1: all)",
     "disk_low_watermark": "write back when free and clean blocks fall under this share of a pool (default 0.25)",
+    "cluster": "join a cluster: etcd://HOST:PORT[,HOST:PORT...] (default: none, this node stands alone)",
+    "node_name": "this node's name in the cluster (default: the host name)",
+    "advertise": "address the cluster endpoints bind and peers reach (default 127.0.0.1)",
+    "cluster_port": "first of two TCP ports (control, events) for peers (default 0: any free ones)",
+    "cluster_secret_file": "file (ours, 0600) holding the secret every node of the cluster shares",
+    "cluster_ttl_s": "etcd lease of this node's key in seconds: a dead node leaves after this (default 5)",
+    "cluster_deadline_ms": "a remote fetch that takes longer is a miss (default 1000)",
+    "cluster_index_blocks": "remote index entries kept at most (default 1000000)",
 }
 
 

@@ -105,7 +105,14 @@ def _line(v: live.TopView) -> str:
     return (f"{time.strftime('%H:%M:%S')} {v.instance} pid {v.pid} | {tiers} | {_rate(v.requests_per_s, ' req/s')}, "
             f"{_rate(v.lookups_per_s, ' lookups/s')}, hit {common.percent(v.hit_rate)} "
             f"(total {common.percent(v.hit_rate_total)}) | store {_byte_rate(v.store_bytes_per_s)}, "
-            f"hit {_byte_rate(v.hit_bytes_per_s)}, evict {_rate(v.evictions_per_s)} | clients {len(v.clients)}")
+            f"hit {_byte_rate(v.hit_bytes_per_s)}, evict {_rate(v.evictions_per_s)} | clients {len(v.clients)}"
+            + (_cluster_line(v.cluster) if v.cluster is not None else ""))
+
+
+def _cluster_line(c: live.ClusterView) -> str:
+    return (f" | cluster node {c.node} (etcd {c.etcd}), peers {','.join(c.nodes) or '-'}, index {c.index_blocks} "
+            f"blocks, remote hits {c.remote_hit_blocks} blocks ({common.human_bytes(c.remote_hit_bytes)}, "
+            f"{_byte_rate(c.remote_hit_bytes_per_s)}), failures {c.failures}")
 
 
 @contextlib.contextmanager

@@ -20,7 +20,8 @@ unfinished blocks. `take_events()` hands over the KV events produced since the l
 
 Tiers (`tier`): the coordinator keeps a list of `Tier`s and calls each hook on every one of them;
 it never asks which tiers exist. G1 (`devices.DeviceTier`) is always there (its requests need
-transfer workers); `open_disk_tier()` adds G3 (`disk_tier.DiskTier`), `add_tier` any other. A
+transfer workers); `open_disk_tier()` adds G3 (`disk_tier.DiskTier`), `open_cluster_tier()` G4
+(`cluster_tier.ClusterTier`, with --cluster), `add_tier` any other. A
 Lookup whose G2 prefix ends early asks the tiers in order to stage the rest (`prepare_load`):
 then it is a `Deferred` answered once the blocks are in G2 and verified; when a staging's prefix
 still ends early, the tiers after it are asked for the rest.
@@ -39,6 +40,7 @@ from collections import Counter
 import msgspec
 
 from .. import protocol as p
+from ..cluster.endpoint import PeerEndpoint
 from ..config import ServiceConfig
 from ..errors import CapacityError, ErrorCode, ForeignError, KvbmError, RequestError
 from ..kernels import cpu_copy
@@ -47,6 +49,7 @@ from ..names import pool_name, pool_prefix
 from ..shm import (MAX_NAMESPACE_BYTES, BlockState, PoolSegment, free_pool_id, list_segments,
                    unlink)
 from . import devices, disk_tier
+from .cluster_tier import ClusterTier
 from .devices import DeviceTier
 from .disk_tier import DiskTier
 from .leases import Held, Lease, LeaseTable
@@ -131,6 +134,12 @@ class Coordinator:
             tier.attach(pool, self._namespaces[pool_id])
         return tier
 
+    def open_cluster_tier(self, endpoint: PeerEndpoint) -> ClusterTier:
+        """Turn on G4 (after G3: a lookup asks the disk first; before `recover`, so that recovered
+        pools are registered with NIXL)."""
+        return self.add_tier(ClusterTier.open(self.config, instance_id=self.instance_id, leases=self.leases,
+                                              endpoint=endpoint))
+
     def open_disk_tier(self) -> DiskTier:
         """Turn on G3."""
         return self.add_tier(DiskTier(self.config, workers=functools.partial(self.workers.get, disk_tier.WORKER_KIND),
@@ -214,6 +223,8 @@ class Coordinator:
     def close(self) -> None:
         """Unlink every pool (clean shutdown); each one's `PoolCleared` event is left to publish."""
         self._executor.shutdown(wait=True, cancel_futures=True)
+        for tier in self.tiers:  # before the pools go: G4 leaves the cluster, so no peer reads them
+            tier.close()
         for fut in self._creating.values():
             if fut.done() and fut.exception() is None:
                 seg = fut.result()
@@ -225,8 +236,6 @@ class Coordinator:
             unlink(name)
             self._emit(p.PoolCleared(pool_id=pool.pool_id, fingerprint=pool.fingerprint))
         self.pools.clear()
-        for tier in self.tiers:
-            tier.close()
 
     # ------------------------------------------------------------ handlers
 
@@ -271,7 +280,7 @@ class Coordinator:
                     lease.deferred_pins.add(m.req)
                 return staged
         if m.pin and ids:
-            self._pin(pool, lease, m.req, ids)
+            lease.pin(pool, m.req, ids)
         return p.LookupReply(req=m.req, block_ids=ids, tiers=[p.Tier.CPU] * len(ids))
 
     def _stage(self, m: p.Lookup, pool: BlockPool, ids: list[int], tiers: list[int], first: int,
@@ -307,7 +316,7 @@ class Coordinator:
                              lease.client_id, lease.name, m.req, len(ids))
                     return p.LookupReply(req=m.req, block_ids=[], tiers=[])
                 if ids:
-                    self._pin(pool, lease, m.req, ids)
+                    lease.pin(pool, m.req, ids)
             return p.LookupReply(req=m.req, block_ids=ids, tiers=tiers)
         finally:
             if more is None:
@@ -462,13 +471,6 @@ class Coordinator:
         if foreign:
             raise RequestError(f"blocks {foreign[:8]} are not being written by client {lease.client_id}",
                                ErrorCode.NOT_OWNER)
-
-    @staticmethod
-    def _pin(pool: BlockPool, lease: Lease, req: int, ids: list[int]) -> None:
-        """Pin `ids` under `lease` for its lookup `req` (which a Cancel may undo)."""
-        pool.pin(ids, lease.client_id)
-        lease.pins.setdefault(pool.pool_id, Counter()).update(ids)
-        lease.remember(req, Held(pool_id=pool.pool_id, block_ids=ids, pinned=True))
 
     @staticmethod
     def _unpin(pool: BlockPool, lease: Lease, pins: Counter) -> int:

@@ -68,6 +68,13 @@ class Lease:
         if len(self.recent) > RECENT_REQUESTS:
             self.recent.popitem(last=False)
 
+    def pin(self, pool, req: int, ids: list[int]) -> None:
+        """Pin `ids` of `pool` (a `pool.BlockPool`) under this lease for its request `req` (which
+        a Cancel may undo); the pins go with the lease."""
+        pool.pin(ids, self.client_id)
+        self.pins.setdefault(pool.pool_id, Counter()).update(ids)
+        self.remember(req, Held(pool_id=pool.pool_id, block_ids=ids, pinned=True))
+
     def num_pins(self) -> int:
         return sum(sum(c.values()) for c in self.pins.values())
 

@@ -269,6 +269,8 @@ class _Collector:
         yield from self._pools(list(c.pools.values()), CounterMetricFamily, GaugeMetricFamily)
         yield from self._coordinator_counters(dict(c.counters), CounterMetricFamily)
         yield from self._observed(CounterMetricFamily, HistogramMetricFamily)
+        for tier in c.tiers:
+            yield from tier.metric_families(CounterMetricFamily, GaugeMetricFamily)
 
     def _pools(self, pools, Counter, Gauge):
         pool_labels = ["pool", "model"]
@@ -279,6 +281,7 @@ class _Collector:
         hit_tokens = Counter("kvbm_hit_tokens", "Tokens of the blocks found by lookups",
                              labels=[*pool_labels, "tier"])
         counters: dict[str, object] = {}
+        tiers = self.metrics.coordinator.tiers
         for pool in pools:
             labels = [str(pool.pool_id), pool.model]
             seg = pool.segment
@@ -290,6 +293,11 @@ class _Collector:
             values = pool.counters()
             hits.add_metric([*labels, _POOL_TIER], values["hit_blocks"])
             hit_tokens.add_metric([*labels, _POOL_TIER], values["hit_blocks"] * _page_size(seg))
+            for tier in tiers:  # blocks other tiers supplied (G4: read from other nodes)
+                supplied = tier.hits(pool.pool_id)
+                if supplied is not None:
+                    hits.add_metric([*labels, tier.name], supplied)
+                    hit_tokens.add_metric([*labels, tier.name], supplied * _page_size(seg))
             for name, value in values.items():
                 spec = _POOL_COUNTERS.get(name, (f"kvbm_{name}", f"Pool counter {name}"))
                 if spec is None:

@@ -45,6 +45,7 @@ import zmq
 
 from .. import protocol as p
 from .. import runtime
+from ..cluster.endpoint import PeerEndpoint
 from ..config import ServiceConfig
 from ..errors import CapacityError, ErrorCode, KvbmError
 from ..shm import shm_free_bytes
@@ -86,6 +87,7 @@ class Server:
         self.workers: dict[str, WorkerGroup] = {}  # worker processes by kind, for the tiers that use them
         self.coordinator = Coordinator(config, self.events_endpoint, self.workers)
         self.guard: ConnectionGuard | None = None
+        self.peers = None  # the cluster endpoints (PeerEndpoint), with --cluster
         self._error_logged: dict[str, float] = {}
         try:
             if config.transfer_workers:
@@ -96,6 +98,9 @@ class Server:
                 self.workers[disk_tier.WORKER_KIND] = WorkerGroup(
                     disk_tier.WORKER_KIND, disk_tier.WORKER_MODULE, config.disk_io_workers, self.dir, self.ctx,
                     disk.worker_args())
+            if config.cluster:
+                self.peers = PeerEndpoint.for_config(self.ctx, config)
+                self.coordinator.open_cluster_tier(self.peers)
             self.coordinator.recover()
             self._check_shm_room()
             for s in (self.router, self.pub):
@@ -146,6 +151,9 @@ class Server:
         groups = {group.socket: group for group in self.workers.values()}
         for sock in groups:
             poller.register(sock, zmq.POLLIN)
+        if self.peers is not None:
+            poller.register(self.peers.router, zmq.POLLIN)
+            poller.register(self.peers.wakeup_fd, zmq.POLLIN)
         flush_pending = False
         while not self._stop.is_set():
             ready = poller.poll(self._poll_ms(flush_pending))
@@ -159,6 +167,11 @@ class Server:
                     self._survive("connection guard", self.guard.on_readable)
                 elif sock == self._wake_r:
                     self._drain_wakes()
+                elif self.peers is not None and sock is self.peers.router:
+                    self.peers.drain(self.coordinator.handle, self.coordinator.error_reply)
+                    flush_pending = True
+                elif self.peers is not None and sock == self.peers.wakeup_fd:  # a remote fetch is done
+                    self.peers.drain_wakeups()
                 else:
                     self._survive(f"{groups[sock].kind} workers", groups[sock].on_readable)
             if self._deferred:
@@ -302,6 +315,8 @@ class Server:
         batch = p.EventBatch(seq=self._event_seq, instance_id=self.coordinator.instance_id, ts_ns=time.time_ns(),
                              events=events)
         self.pub.send_multipart([p.EVENTS_TOPIC, *p.encode(batch)])
+        if self.peers is not None:
+            self.peers.publish([p.EVENTS_TOPIC, *p.encode(batch)])
 
     def close(self) -> None:
         """Unlink every segment and remove the runtime files (clean shutdown)."""
@@ -315,6 +330,8 @@ class Server:
         self._publish_events()  # the pools' PoolCleared: subscribers drop what they knew
         if self.guard is not None:
             self.guard.close()
+        if self.peers is not None:
+            self.peers.close()
         self.router.close(0)
         self.pub.close(200)  # let the last batch go out
         self.ctx.term()

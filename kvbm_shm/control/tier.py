@@ -36,8 +36,12 @@ Hooks (each gets a batch; the coordinator has already checked ids, leases and ow
   Offload, ...). A handler returns a reply or a `Deferred`, like the coordinator's own; the
   server wakes when a Deferred's future is done (a done callback), or at its `deadline`.
 - `sweep(now)`: periodic work (decay, planning, reaping), every loop tick that has time.
-- `stats() -> dict`: this tier's fields of the Stats reply (e.g. `{"disks": [...]}`);
-  `close()`: clean shutdown.
+- `stats() -> dict`: this tier's fields of the Stats reply (e.g. `{"disks": [...]}`, or
+  `{"tiers": {"g4": {...}}}` for a tier without fields of its own).
+- `close()`: clean shutdown, before the pools go.
+- Prometheus: `hits(pool_id)`, blocks this tier supplied to the pool's lookups
+  (`kvbm_hit_blocks{tier=name}`; None: not counted here), and `metric_families(Counter, Gauge)`,
+  this tier's own series (the family classes come from prometheus-client, passed in by `metrics`).
 
 A `Staging` is the promise of a verified prefix: `future` is done when every byte it waited for
 has arrived and been checked; `result()` is then `(block_ids, tiers)`, the G2 blocks of the
@@ -53,7 +57,7 @@ import concurrent.futures
 import dataclasses
 import math
 from collections import Counter
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Iterable, Protocol
 
 from .. import protocol as p
 
@@ -143,6 +147,12 @@ class Tier:
 
     def stats(self) -> dict:
         return {}
+
+    def hits(self, pool_id: int) -> int | None:
+        return None
+
+    def metric_families(self, counter_family: type, gauge_family: type) -> Iterable:
+        return ()
 
     def close(self) -> None:
         pass

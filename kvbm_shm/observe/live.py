@@ -5,7 +5,8 @@ a `TopView`. Usage is per tier (G2: the shm pools; blocks in use are registered 
 their bytes counted at the block size). Rates are per second over the interval between the two
 samples and None for the first one; `own_requests` (the observer's own Stats calls) are left out
 of requests/s. Byte rates are block counts times their pool's block size: `store` is what stores
-wrote into G2, `hit` what lookups matched in G2.
+wrote into G2, `hit` what lookups matched in G2. `cluster` (with `--cluster`): this node, the other
+nodes it sees, the size of its remote index, and the blocks and bytes read from other nodes (G4).
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ class PoolRow(msgspec.Struct):
     hit_rate: float | None  # over the pool's life
 
 
+class ClusterView(msgspec.Struct):
+    node: str
+    etcd: str  # reachable, unreachable
+    nodes: list[str]  # the other nodes this node sees
+    index_blocks: int
+    remote_hit_blocks: int
+    remote_hit_bytes: int
+    remote_hit_bytes_per_s: float | None
+    failures: int  # fetches that failed (peer errors, reads, checksums, deadlines)
+
+
 class TopView(msgspec.Struct):
     instance: str
     pid: int
@@ -53,6 +65,7 @@ class TopView(msgspec.Struct):
     evictions_per_s: float | None
     pools: list[PoolRow]
     clients: list[p.ClientInfo]
+    cluster: ClusterView | None = None
 
 
 def _sum(stats: p.StatsReply, counter: str, weighted: bool = False) -> int:
@@ -90,7 +103,23 @@ def summarize(current: p.StatsReply, previous: p.StatsReply | None = None, inter
             hit_bytes_per_s=rate(_sum(current, "hit_blocks", True), _sum(previous, "hit_blocks", True)),
             evictions_per_s=rate(_sum(current, "evicted_blocks"), _sum(previous, "evicted_blocks")))
     return TopView(
+        cluster=_cluster(current, previous, interval_s),
         instance=current.instance, pid=current.pid, uptime_s=current.uptime_s,
         interval_s=interval_s if previous is not None else None, tiers=[g2], requests_total=requests,
         errors_total=errors, hit_rate_total=_ratio(_sum(current, "hit_blocks"), _sum(current, "lookup_blocks")),
         pools=rows, clients=list(current.clients), **rates)
+
+
+def _cluster(current: p.StatsReply, previous: p.StatsReply | None, interval_s: float | None) -> ClusterView | None:
+    g4 = current.tiers.get("g4")
+    if not g4:
+        return None
+    counters = g4.get("counters", {})
+    read = counters.get("remote_hit_bytes", 0)
+    before = previous.tiers.get("g4", {}).get("counters", {}) if previous is not None else None
+    per_s = (max(read - before.get("remote_hit_bytes", 0), 0) / interval_s
+             if before is not None and previous.instance_id == current.instance_id and interval_s else None)
+    failures = sum(counters.get(k, 0) for k in ("fetch_errors", "read_failures", "checksum_failures", "fetch_timeouts"))
+    return ClusterView(node=g4.get("node", ""), etcd=g4.get("etcd", ""), nodes=sorted(g4.get("nodes", {})),
+                       index_blocks=g4.get("index_blocks", 0), remote_hit_blocks=counters.get("remote_hit_blocks", 0),
+                       remote_hit_bytes=read, remote_hit_bytes_per_s=per_s, failures=failures)

@@ -132,6 +132,7 @@ class InstanceReport(msgspec.Struct):
     pools: list[PoolReport]
     errors: list[SegmentError]
     clients: list[p.ClientInfo] | None = None  # only from a running coordinator
+    cluster: dict | None = None  # the cluster tier's stats (G4), from a running coordinator with --cluster
 
 
 def inspect_instance(instance: str, instance_dir: Path, *, timeout_s: float = 1.0, top: int = 10,
@@ -157,7 +158,8 @@ def inspect_instance(instance: str, instance_dir: Path, *, timeout_s: float = 1.
             continue
         except (KvbmError, OSError) as e:
             errors.append(SegmentError(info.name, str(e) if isinstance(e, KvbmError) else f"segment {info.name}: {e}"))
-    return InstanceReport(instance, coordinator, pools, errors, list(stats.clients) if stats else None)
+    return InstanceReport(instance, coordinator, pools, errors, list(stats.clients) if stats else None,
+                          stats.tiers.get("g4") if stats else None)
 
 
 def _coordinator_state(instance_dir: Path, infos: list[node.SegmentInfo], timeout_s: float
