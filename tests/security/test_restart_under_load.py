@@ -80,6 +80,10 @@ def test_no_wrong_bytes_while_the_coordinator_restarts_under_live_clients(coordi
     budget_gb = PoolSegment.size_for(24, ns.kv.block_bytes) / 2**30  # 24 blocks for 40 chains of 1-3
     coordinator = coordinator_factory(cpu_cache_gb=budget_gb)
     engines = [start_child(churn, instance, runtime_dir, seed, RUN_S, timeout_s=RUN_S + 60) for seed in (1, 2)]
+    deadline = time.monotonic() + 60  # a loaded machine starts children slowly: restart under them, not before
+    while sum(c.name.startswith("churn-") for c in engine.stats_of(instance, runtime_dir).clients) < 2:
+        assert time.monotonic() < deadline, "the churn clients never connected"
+        time.sleep(0.05)
     for how in ("stop", "kill", "stop"):
         time.sleep(RUN_S / 5)
         if how == "stop":
