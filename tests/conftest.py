@@ -1,5 +1,6 @@
-"""Shared fixtures: a unique instance per test, real coordinator processes, and the rule that
-a test leaves nothing in /dev/shm."""
+"""Shared fixtures: a unique instance per test, real coordinator processes, the rule that a test
+leaves nothing in /dev/shm, and the locally built tiny Llama of the engine tests (once per session,
+where transformers is installed: `.venv-vllm`)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,12 @@ def coordinator_factory(instance, runtime_dir):
 @pytest.fixture
 def coordinator(coordinator_factory) -> CoordinatorProcess:
     return coordinator_factory()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from tests.engines.tiny_llama import build_model_dir
+
+    return str(build_model_dir(tmp_path_factory.mktemp("tiny-llama"), size="tiny", seed=0))
