@@ -52,6 +52,7 @@ class RuntimeInfo(msgspec.Struct):
     events_endpoint: str
     started_unix: float
     metrics_port: int = 0
+    cluster: str = ""  # with --cluster: "NODE@etcd://HOST:PORT", this node's name and its cluster
 
 
 def prepare_dir(path: Path) -> Path:

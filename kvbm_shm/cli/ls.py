@@ -4,7 +4,8 @@ One row per `/dev/shm/kvbm-*` segment: instance, kind, model, size, blocks, owne
 the owner lives, and the pids that map it; orphans (no live coordinator of their instance) are
 marked, and so are segments that are not ours to trust (`FOREIGN`, with the owning user: another
 user's file at a kvbm name, a link, a file open to others; never adopted, never removed). Then
-one row per instance (segments and runtime directories under `--runtime-dir`), then what could
+one row per instance (segments and runtime directories under `--runtime-dir`; the cluster node it
+is, with `--cluster`), then what could
 not be read (another user's runtime directories), on stderr. Read-only: it takes no lock and
 works whatever state the coordinators are in.
 """
@@ -45,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {s.error}")
     if view.instances:
         print()
-        print(common.table(["INSTANCE", "COORDINATOR", "STATE", "SEGMENTS", "SHM", "RUNTIME DIR"], [
+        print(common.table(["INSTANCE", "COORDINATOR", "STATE", "SEGMENTS", "SHM", "CLUSTER", "RUNTIME DIR"], [
             [i.instance, i.pid or "-", "running" if i.alive else "dead", i.segments,
-             common.human_bytes(i.segment_bytes), i.runtime_dir or "-"] for i in view.instances]))
+             common.human_bytes(i.segment_bytes), i.cluster or "-", i.runtime_dir or "-"] for i in view.instances]))
     orphans = [s for s in view.segments if s.orphan]
     if orphans:
         print(f"\n{len(orphans)} orphaned segment(s), "

@@ -123,7 +123,8 @@ class Server:
             runtime.write_info(self.dir, runtime.RuntimeInfo(
                 instance=config.instance, instance_id=self.coordinator.instance_id, pid=os.getpid(),
                 protocol=p.PROTOCOL_VERSION, endpoint=self.endpoint, events_endpoint=self.events_endpoint,
-                started_unix=time.time(), metrics_port=config.metrics_port))
+                started_unix=time.time(), metrics_port=config.metrics_port,
+                cluster=f"{config.cluster_node}@{config.cluster}" if config.cluster else ""))
         except BaseException:
             self.close()
             raise

@@ -67,6 +67,7 @@ class InstanceInfo(msgspec.Struct, kw_only=True):
     pid: int | None  # the live coordinator, else the last one known (runtime file or pool header)
     runtime_dir: str | None  # None when no runtime directory of it is under the runtime root
     endpoint: str | None
+    cluster: str  # "NODE@etcd://..." when its coordinator joined a cluster, else ""
     segments: int
     segment_bytes: int
 
@@ -228,7 +229,7 @@ def scan(runtime_root: Path, with_mappers: bool = True) -> NodeView:
                 live_pid[s.instance] = s.owner_pid
     unreadable: list[Unreadable] = []
     dirs = runtime_dirs(runtime_root, unreadable)
-    endpoints = {}
+    endpoints, clusters = {}, {}
     for name, path in dirs.items():
         holder = lock_holder(path)
         if holder is not None:
@@ -243,6 +244,7 @@ def scan(runtime_root: Path, with_mappers: bool = True) -> NodeView:
         if info is not None:
             last_pid[name] = info.pid
             endpoints[name] = info.endpoint
+            clusters[name] = info.cluster
     owned = [s for s in segments if s.instance is not None and s.kind != "foreign"]
     for s in owned:
         s.orphan = s.instance not in live_pid
@@ -252,5 +254,6 @@ def scan(runtime_root: Path, with_mappers: bool = True) -> NodeView:
         instances.append(InstanceInfo(
             instance=name, alive=name in live_pid, pid=live_pid.get(name, last_pid.get(name)),
             runtime_dir=str(dirs[name]) if name in dirs else None, endpoint=endpoints.get(name),
+            cluster=clusters.get(name, ""),
             segments=len(mine), segment_bytes=sum(s.size_bytes for s in mine)))
     return NodeView(str(runtime_root), segments, instances, unreadable)

@@ -317,7 +317,7 @@ def test_a_stalled_peer_is_a_miss_within_the_deadline(cluster):
     ea.close(), eb.close()
 
 
-def test_top_and_inspect_show_the_cluster(cluster):
+def test_ls_top_and_inspect_show_the_cluster(cluster):
     a, b = cluster.start("a"), cluster.start("b")
     ea = Engine(a)
     assert ea.store(0, 4).stored == 4
@@ -337,6 +337,11 @@ def test_top_and_inspect_show_the_cluster(cluster):
     assert f"remote hits 4 blocks ({4 * ea.namespace.kv.block_bytes / 1024:.1f} KiB)" in out.stdout, out.stdout
     row = next(line.split() for line in out.stdout.splitlines() if line.split()[:1] == ["a"])
     assert row[:3] == ["a", "up", "4"], out.stdout
+    out = subprocess.run([sys.executable, "-m", "kvbm_shm", "ls", "--runtime-dir", str(b.runtime_dir)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    row = next(line.split() for line in out.stdout.splitlines() if line.split()[:1] == [b.instance])
+    assert f"b@{cluster.etcd.url}" in row, out.stdout
     ea.close(), eb.close()
 
 
