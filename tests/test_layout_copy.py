@@ -118,3 +118,12 @@ def test_large_batches_split_over_threads_give_the_same_bytes_and_sums():
         sums.append(cpu_copy.gather(table, ids, addrs, threads).tolist())
     assert sums[0] == sums[1] and np.array_equal(pools[0], pools[1])
     assert sums[0][5] == cpu_copy.checksum(pools[0][5])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_checksums_of_many_blocks_match_one_by_one(threads):
+    rng = np.random.default_rng(5)
+    blocks = [rng.integers(0, 256, 1 << 20, dtype=np.uint8) for _ in range(19)]  # 19 MiB: split when threads > 1
+    assert cpu_copy.checksums(blocks, threads) == [cpu_copy.checksum(b) for b in blocks]
+    assert cpu_copy.checksums(blocks[:1], threads) == [cpu_copy.checksum(blocks[0])]
+    assert cpu_copy.checksums([], threads) == []

@@ -5,11 +5,12 @@ as the environment says: by default UCX picks, cma on one host; `--ucx-tls tcp` 
 loopback). An engine on A stores `--gib` GiB of 2 MiB blocks and `--latency-lookups` one-block
 prefixes of 16 KiB blocks; an engine on B then looks them up, so every lookup is a remote hit.
 
-- Bandwidth: one lookup on B of all the 2 MiB blocks (pin on A, one NIXL READ of scattered
-  descriptors into B's G2, every checksum verified, registered in B's G2), against a raw NIXL READ
-  of the same descriptors (A's blocks into the same B pool blocks, A's agent serving both times)
-  by a fresh agent in this process, best of `--repeats`:
-      ratio_vs_limit = remote hit GB/s / raw NIXL READ GB/s (the best; the first is shown too)
+- Bandwidth: one lookup on B of all the 2 MiB blocks (pin on A, NIXL READs of scattered
+  descriptors into B's G2, every checksum verified, registered in B's G2; B's pool is cleared
+  before each, so each is a remote hit), against a raw NIXL READ of the same descriptors (A's
+  blocks into the same B pool blocks, A's agent serving both times) by a fresh agent in this
+  process; each best of `--repeats`:
+      ratio_vs_limit = remote hit GB/s / raw NIXL READ GB/s (the bests; the firsts are shown too)
 - Latency: one-block remote lookups on B (p50/p99), against a raw ZeroMQ DEALER/ROUTER echo over
   TCP on loopback with messages of the same sizes (a remote hit is at least one TCP round trip):
       latency_ratio = remote lookup p50 / raw TCP echo p50
@@ -205,14 +206,20 @@ def run(args) -> None:
         rep_bytes = len(p.encode(p.LookupReply(req=1, block_ids=[0], tiers=[4]))[1])
         echo = echo_rtts(req_bytes, rep_bytes, args.latency_lookups)
 
-        reply, ns = lookup(big_b, big_hashes)
-        assert reply.tiers == [p.Tier.CLUSTER] * big_blocks, f"{len(reply.block_ids)} of {big_blocks} blocks hit"
         nbytes = big_blocks * big_ns.kv.block_bytes
-        remote_gbps = nbytes / ns
+        hits = []
+        for _ in range(args.repeats):
+            cb.clear(big_b)
+            reply, ns = lookup(big_b, big_hashes)
+            assert reply.tiers == [p.Tier.CLUSTER] * big_blocks, f"{len(reply.block_ids)} of {big_blocks} blocks hit"
+            hits.append(nbytes / ns)
+        remote_first, remote_gbps = hits[0], max(hits)
         raw_first, raw_gbps = raw_nixl_gbps(port, cb, big_b, big_hashes, big_ns.kv.block_bytes, secret, args.repeats)
         lat_p50, echo_p50 = statistics.median(lat), statistics.median(echo)
         rows = [
-            {"what": "remote hit, 1 lookup", "blocks": big_blocks, "GB/s": round(remote_gbps, 3)},
+            {"what": f"remote hit, 1 lookup, best of {args.repeats}", "blocks": big_blocks,
+             "GB/s": round(remote_gbps, 3)},
+            {"what": "remote hit, the first of them", "blocks": big_blocks, "GB/s": round(remote_first, 3)},
             {"what": f"raw NIXL READ, same descriptors, best of {args.repeats}", "blocks": big_blocks,
              "GB/s": round(raw_gbps, 3)},
             {"what": "raw NIXL READ, the first of them", "blocks": big_blocks, "GB/s": round(raw_first, 3)},
@@ -224,7 +231,8 @@ def run(args) -> None:
         g4 = _g4(cb)
         benchlib.report("bench_remote (G4)", ["what", "blocks", "GB/s", "p50_us", "p99_us"], rows, {
             "ucx_tls": args.ucx_tls or "UCX default", "block_bytes": big_ns.kv.block_bytes, "bytes": nbytes,
-            "remote_hit_gbps": round(remote_gbps, 3), "raw_nixl_gbps": round(raw_gbps, 3),
+            "remote_hit_gbps": round(remote_gbps, 3), "remote_hit_first_gbps": round(remote_first, 3),
+            "raw_nixl_gbps": round(raw_gbps, 3),
             "raw_nixl_first_gbps": round(raw_first, 3),
             "ratio_vs_limit": round(remote_gbps / raw_gbps, 3),
             "remote_lookup_p50_us": benchlib.percentile_us(lat, 50),
@@ -296,7 +304,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gib", type=float, default=1.0, help="bytes of the remote hit, in GiB of 2 MiB blocks")
     ap.add_argument("--latency-lookups", type=int, default=200)
-    ap.add_argument("--repeats", type=int, default=3, help="raw NIXL reads; the best counts")
+    ap.add_argument("--repeats", type=int, default=3, help="remote hits and raw NIXL reads; the best counts")
     ap.add_argument("--ucx-tls", default="", help="UCX_TLS for every process (default: UCX chooses)")
     ap.add_argument("--log-dir", default="", help="keep the coordinators' logs here (default: discarded)")
     ap.add_argument("--log-level", default="WARNING", help="the coordinators' log level")

@@ -8,7 +8,8 @@ worker). Primitives:
 - `scatter(table, device_block_ids, g2_addrs) -> checksums`: copy G2 blocks into device blocks
   (load/onboard) and return the checksum of the bytes copied, for the caller to verify.
 - `checksum(buffer)`: the block checksum of a contiguous G2 block (defined in `_batch_copy.c`:
-  a two-lane Fletcher-style sum over 16-byte words, finalised with murmur3's mixer).
+  a two-lane Fletcher-style sum over 16-byte words, finalised with murmur3's mixer);
+  `checksums(blocks, threads)`: of many blocks, split over `threads` threads when 16 MiB or more.
 - `copy_batch(dst, src, size)`: raw batched copy.
 
 Addresses are computed in numpy and each batch is one GIL-free call into `_batch_copy` (C), which
@@ -83,6 +84,17 @@ def checksum(block) -> int:
     if _c is not None:
         return _c.checksum(block)
     return _checksum_numpy(np.frombuffer(block, np.uint8))
+
+
+def checksums(blocks: list, threads: int = 1) -> list[int]:
+    """`checksum` of every block (contiguous buffers of one size), in order."""
+    if not blocks:
+        return []
+    parts = min(threads, len(blocks)) if len(blocks) * len(blocks[0]) >= _PARALLEL_MIN_BYTES else 1
+    edges = [len(blocks) * i // parts for i in range(parts + 1)]
+    futures = [_executor(parts - 1).submit(lambda part: [checksum(b) for b in part], blocks[a:b])
+               for a, b in zip(edges[1:], edges[2:])]
+    return [checksum(b) for b in blocks[:edges[1]]] + [s for f in futures for s in f.result()]
 
 
 def copy_batch(dst: np.ndarray, src: np.ndarray, size: np.ndarray) -> None:
