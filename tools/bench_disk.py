@@ -1,36 +1,50 @@
 """Disk tier benchmark: write-back and staging of 1 GiB of blocks through the NVMe I/O workers,
-held against the same I/O pattern issued raw, in the same directory, in the same run.
+held against the very requests the workers issued, replayed raw on a file in the same state, in
+the same run.
 
-    python tools/bench_disk.py [--dir DIR] [--gib 1] [--block-kib 2048] [--rounds 3]
+    python tools/bench_disk.py [--dir DIR] [--gib 1] [--block-kib 2048] [--rounds 5]
                                [--io-workers 2] [--io-threads 4] [--json]
 
-The limit is the I/O the workers issue, without the service: a fresh pre-allocated file of the G3
-file's size, opened O_DIRECT, N slots of [4 KiB header, block] written (`pwritev`) then read
-(`preadv`) by as many processes and threads as the workers (io_workers x io_threads requests in
-flight), from shared-memory buffers. If the tier fell back to buffered I/O the benchmark stops with an error:
-buffered figures held against an O_DIRECT limit mean nothing.
+The limit replays the tier's requests without the service: one O_DIRECT `pwritev`/`preadv` of
+[4 KiB header page, block] per slot, the slots in the order the tier took them (writes: the
+order of the generations stamped in the tier's slot headers; reads: the lookup's order), cut
+into the tier's jobs (`job_blocks`), as many processes as I/O workers, each taking the next job
+when its last one is done (the coordinator deals a lookup's jobs in turn and hands write-back
+jobs out as jobs finish; taking the next is never slower) and running it on as many threads as
+a worker (`pool.map` over the job: the next job waits for its last block, as in the worker);
+header pages from anonymous memory and each block from its own page-aligned stretch of a
+shared-memory segment, as the G2 blocks are. Writes go to a twin of the tier's G3 file
+(`BlockFile.create`, same geometry, same directory: freshly pre-allocated, as the tier's file is
+when the tier writes it); reads read the tier's own G3 file, its slots written by the tier, and
+are checked bit for bit against the engine's blocks.
 
 Each round, on a fresh G3 file:
-1. the limit: the raw pattern writes N slots (`--limit-runs` times; the fastest pass counts);
-2. write-back: a coordinator (`kvbm-shm serve`, G2 and G3 large enough for N blocks, low
-   watermark 1.0) and this process as the engine. The engine stores N blocks (untimed) and looks
-   them up once, so that they pass admission; one Allocate then starts write-back, and the clock
-   runs until the coordinator reports N blocks written (slot header + block in one pwritev);
-3. the limit: the raw pattern reads the N slots back (fastest of `--limit-runs` passes);
-4. staging: the coordinator is stopped (G2 goes, G3 stays) and started again (its G3 index is
-   rebuilt from the slot headers: "restart_s"). One Lookup of the N hashes is timed: every block is
-   read into G2 and verified (slot header, xxh3 of the bytes) before the reply. The engine then
-   loads the N blocks (untimed) and checks them bit for bit against what it stored.
+1. write: a coordinator (`kvbm-shm serve`, G2 and G3 large enough for N blocks, low watermark
+   1.0) and this process as the engine. The engine stores N blocks (untimed) and looks them up
+   once, so that they pass admission; one Allocate then starts write-back, and the clock runs
+   until the coordinator reports N blocks written. The limit writes the twin file.
+2. read: the coordinator is stopped (G2 goes, G3 stays) and started again (its G3 index is
+   rebuilt from the slot headers: "restart_s"). One Lookup of the N hashes is timed: every block
+   is read into G2 and verified (slot header, xxh3 of the bytes) before the reply. The engine
+   then loads the N blocks (untimed) and checks them bit for bit against what it stored. The
+   limit reads the tier's file.
+The tier goes first in odd rounds and the limit in even ones (a limit that writes first replays
+the order the previous round's tier write took), each phase after `settle`; one pass each, since a
+second pass would find the file in another state (its extents written). Disk throughput on a
+shared machine drifts, so the summary takes medians: GB/s of each side, and ratios of the two
+sides of each round (adjacent in time). GB/s count block bytes only (10^9 bytes per second; the
+4 KiB slot headers are overhead on both sides). `ratio_vs_limit` = min(write ratio, read ratio);
+target >= 0.8; above 1.0 the limit is not the tier's pattern.
 
-Disk throughput on a shared machine drifts, so the limit and the tier alternate, and the summary
-takes the median of the rounds. GB/s count block bytes only (10^9 bytes per second; the 4 KiB slot
-headers are overhead on both sides). `ratio_vs_limit` = min(write / raw write, read / raw read);
-target >= 0.8.
+Buffered I/O fails the benchmark: after each tier phase the flags of the I/O workers' open G3
+file (/proc/PID/fdinfo) must carry O_DIRECT (a worker that fell back, at open or mid-run, holds
+it without), and the limit refuses to run where O_DIRECT is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import mmap
 import multiprocessing as mp
 import os
@@ -53,7 +67,7 @@ from kvbm_shm.disk import format as g3
 from kvbm_shm.config import default_disk_dir
 from kvbm_shm.control.disk_tier import MAX_WINDOW, job_blocks
 from kvbm_shm.hashing import sequence_hashes
-from kvbm_shm.shm import PAGE, PoolSegment
+from kvbm_shm.shm import PAGE, PoolSegment, round_up
 
 LAYERS, PAGE_TOKENS = 32, 16  # geometry of the benchmark's blocks: inner dim follows from --block-kib
 
@@ -65,83 +79,131 @@ def settle() -> None:
     time.sleep(0.5)
 
 
-def raw_io_seconds(path: Path, num_slots: int, block_bytes: int, processes: int, threads: int, write: bool) -> float:
-    """Seconds to write (or read back) `num_slots` G3-shaped slots of `path` with O_DIRECT
-    `pwritev`/`preadv` of [header page, block]: the workers' pattern without the service. Slots
-    go in jobs of contiguous slots of the tier's job size, dealt to the processes in turn, and
-    each process's threads take its slots in order, as the workers take a job's blocks; as many
-    processes and threads per process as the workers (one process's threads serialise on its
-    address space: 8 threads in one process wrote at half the speed of 2 x 4 here); between the
-    file and shared-memory buffers like the G2 blocks the workers use. (Dealing single slots to
-    the processes in turn instead, every request lands beside another process's: that pattern
-    measured ~1.5x slower than the tier on this VM's disk, a limit below what the tier does.)"""
-    if write:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.posix_fallocate(fd, 0, g3.file_bytes(num_slots, block_bytes))
-        os.close(fd)
-    ctx = mp.get_context("fork")
-    go = ctx.Barrier(processes + 1)
-    per_job = job_blocks(g3.slot_bytes_for(block_bytes))
-    jobs = [list(range(s, min(s + per_job, num_slots))) for s in range(0, num_slots, per_job)]
-    slots_of = [[slot for job in jobs[i::processes] for slot in job] for i in range(processes)]
-    workers = [ctx.Process(target=_raw_io_worker, args=(path, slots_of[i], block_bytes, threads, write, go))
-               for i in range(processes)]
-    for w in workers:
-        w.start()
-    go.wait()  # every worker has opened the file and faulted its buffers in
-    t0 = time.perf_counter()
-    for w in workers:
-        w.join()
-    seconds = time.perf_counter() - t0
-    if any(w.exitcode for w in workers):
-        raise SystemExit(f"a raw I/O process failed (O_DIRECT refused in {path.parent}?)")
-    return seconds
+class Limit:
+    """The tier's requests issued raw: `seconds(path, jobs, write)` replays `jobs` (lists of
+    (slot, block) pairs) on `path` with O_DIRECT, between its slots and the blocks of `blocks`, a
+    shared-memory segment of N page-aligned blocks (the engine's bytes: what a write sends, where
+    a read lands)."""
+
+    def __init__(self, engine: "Engine", processes: int, threads: int):
+        self.block_bytes = engine.namespace.kv.block_bytes
+        self.stride = round_up(self.block_bytes)
+        self.processes, self.threads = processes, threads
+        n = len(engine.hashes)
+        name = f"/dev/shm/kvbm-bench-limit-{os.getpid()}"
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, n * self.stride)
+            self.blocks = mmap.mmap(fd, n * self.stride)
+        finally:
+            os.close(fd)
+            os.unlink(name)
+        self.view = np.frombuffer(self.blocks, np.uint8).reshape(n, self.stride)
+        self.expected = engine.kv.view(np.uint8).reshape(n, self.block_bytes)
+
+    def load_engine_blocks(self) -> None:
+        self.view[:, :self.block_bytes] = self.expected
+
+    def clear(self) -> None:
+        self.view[:] = 0
+
+    def holds_engine_blocks(self) -> bool:
+        return bool(np.array_equal(self.view[:, :self.block_bytes], self.expected))
+
+    def seconds(self, path: Path, jobs: list[list[tuple[int, int]]], write: bool) -> float:
+        ctx = mp.get_context("fork")  # the children share `blocks`
+        start, done = ctx.Barrier(self.processes + 1), ctx.Barrier(self.processes + 1)
+        next_job = ctx.Value("i", 0)
+        procs = [ctx.Process(target=self._process, args=(path, jobs, next_job, write, start, done))
+                 for _ in range(self.processes)]
+        for proc in procs:
+            proc.start()
+        try:
+            start.wait()  # every process has opened the file
+            t0 = time.perf_counter()
+            done.wait()
+            seconds = time.perf_counter() - t0
+        except threading.BrokenBarrierError:
+            seconds = None
+        for proc in procs:
+            proc.join()
+        if seconds is None or any(proc.exitcode for proc in procs):
+            raise SystemExit(f"the limit's O_DIRECT I/O on {path} failed (see above): no limit, no benchmark")
+        return seconds
+
+    def _process(self, path: Path, jobs, next_job, write: bool, start, done) -> None:
+        slot_bytes = g3.slot_bytes_for(self.block_bytes)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_DIRECT)  # EINVAL where O_DIRECT is refused
+            headers = mmap.mmap(-1, max(map(len, jobs)) * PAGE)
+            io = os.pwritev if write else os.preadv
+
+            def one(job, i: int) -> None:
+                slot, block = job[i]
+                parts = [memoryview(headers)[i * PAGE:(i + 1) * PAGE],
+                         memoryview(self.blocks)[block * self.stride:(block + 1) * self.stride]]
+                got = io(fd, parts, g3.slot_offset(slot, slot_bytes))
+                if got != slot_bytes:
+                    raise OSError(f"slot {slot}: {got} of {slot_bytes} bytes")
+
+            with concurrent.futures.ThreadPoolExecutor(self.threads) as pool:
+                start.wait()
+                while True:
+                    with next_job.get_lock():
+                        k = next_job.value
+                        next_job.value += 1
+                    if k >= len(jobs):
+                        break
+                    list(pool.map(lambda i: one(jobs[k], i), range(len(jobs[k]))))
+            os.close(fd)
+            done.wait()
+        except BaseException:
+            start.abort()
+            done.abort()
+            raise
 
 
-def best_raw_seconds(runs: int, *args, write: bool) -> float:
-    """The fastest of `runs` raw passes (each after `settle`): the limit is what the disk can do,
-    and on a shared VM one pass often catches it busy (two back-to-back passes here differ by up
-    to 1.7x)."""
-    best = float("inf")
-    for _ in range(runs):
-        settle()
-        best = min(best, raw_io_seconds(*args, write=write))
-    return best
+def in_jobs(items: list[tuple[int, int]], slot_bytes: int) -> list[list[tuple[int, int]]]:
+    """`items` cut into the tier's I/O jobs."""
+    per_job = job_blocks(slot_bytes)
+    return [items[s:s + per_job] for s in range(0, len(items), per_job)]
 
 
-def _raw_io_worker(path: Path, slots: list[int], block_bytes: int, threads: int, write: bool, go) -> None:
-    slot_bytes = g3.slot_bytes_for(block_bytes)
-    fd = os.open(path, os.O_RDWR | os.O_DIRECT)  # raises where O_DIRECT is refused: no buffered limit
-    buffers = []
-    for t in range(threads):  # page-aligned shared memory, as the G2 blocks are
-        name = f"/dev/shm/kvbm-bench-raw-{os.getpid()}-{t}"
-        bfd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        os.posix_fallocate(bfd, 0, slot_bytes)
-        buf = mmap.mmap(bfd, slot_bytes)
-        os.close(bfd)
-        os.unlink(name)
-        buf.write(b"\x5a" * slot_bytes)
-        buffers.append(buf)
-    todo = iter(slots)
-    lock = threading.Lock()
+def tier_slots(path: Path, hashes: list[bytes]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """What the tier did with the G3 file at `path`, from its slot headers: (slot, engine block)
+    in the order it wrote them (by generation) and in the order a lookup of `hashes` reads them."""
+    f = g3.BlockFile.open(path)
+    try:
+        headers, _ = f.read_slot_headers(0, f.num_slots)
+    finally:
+        f.close()
+    block_of = {h: i for i, h in enumerate(hashes)}
+    written = sorted((int(headers[s]["generation"]), s, block_of[bytes(headers[s]["hash"])])
+                     for s in range(len(headers)) if bytes(headers[s]["magic"]) == g3.SLOT_MAGIC)
+    if sorted(b for _, _, b in written) != list(range(len(hashes))):
+        raise SystemExit(f"{path} does not hold each of the {len(hashes)} blocks once")
+    slot_of = {b: s for _, s, b in written}
+    return [(s, b) for _, s, b in written], [(slot_of[b], b) for b in range(len(hashes))]
 
-    def run(buf: mmap.mmap) -> None:
-        parts = [memoryview(buf)[:PAGE], memoryview(buf)[PAGE:]]
-        io = os.pwritev if write else os.preadv
-        while True:
-            with lock:
-                slot = next(todo, None)
-            if slot is None:
-                break
-            assert io(fd, parts, g3.slot_offset(slot, slot_bytes)) == slot_bytes
 
-    go.wait()
-    pool = [threading.Thread(target=run, args=(buf,)) for buf in buffers]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    os.close(fd)
+def check_direct(coordinator_pid: int, path: Path) -> None:
+    """Stop the benchmark unless every I/O worker of the coordinator that holds `path` open holds
+    it with O_DIRECT (and at least one does)."""
+    target, flags = os.path.realpath(path), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != coordinator_pid:
+                continue
+            for fd in (stat.parent / "fd").iterdir():
+                if os.readlink(fd) == target:
+                    info = (stat.parent / "fdinfo" / fd.name).read_text()
+                    flags.append(int(info.split("flags:")[1].split()[0], 8) & os.O_DIRECT != 0)
+        except (OSError, ValueError, IndexError):  # a process that exited while we looked
+            continue
+    if not flags or not all(flags):
+        raise SystemExit(f"the disk tier's I/O workers hold {path} with buffered I/O ({flags.count(False)} of "
+                         f"{len(flags)} open files without O_DIRECT): its figures cannot be held against the "
+                         "O_DIRECT limit")
 
 
 class Coordinator:
@@ -200,25 +262,45 @@ class Engine:
         self.pool_bytes = PoolSegment.size_for(num_blocks + 1, block_bytes) + PAGE  # a spare block: the trigger
 
 
-def one_round(args: argparse.Namespace, engine: Engine, work: Path, run_dir: Path, instance: str) -> dict:
+def one_round(args: argparse.Namespace, engine: Engine, limit: Limit, work: Path, run_dir: Path, instance: str,
+              tier_first: bool, write_order: list[tuple[int, int]] | None) -> tuple[dict, list[tuple[int, int]]]:
+    """One round; returns its figures and the order the tier wrote its slots in."""
     n, block_bytes = len(engine.hashes), engine.namespace.kv.block_bytes
-    total = n * block_bytes
-    raw_file, shape = work / "raw.bin", (args.io_workers, args.io_threads)
-    raw_write_s = best_raw_seconds(args.limit_runs, raw_file, n, block_bytes, *shape, write=True)
-
+    total, slot_bytes = n * block_bytes, g3.slot_bytes_for(block_bytes)
+    g3_path = work / instance / g3.file_name(engine.namespace.fingerprint)
+    twin = work / "limit.blocks"
     disk_bytes = g3.file_bytes(n, block_bytes) + 2 * PAGE
     serve_args = ["--cpu-cache-gb", repr(engine.pool_bytes / 2**30 + 0.01), "--disk-cache-gb",
                   repr(disk_bytes / 2**30), "--disk-dir", str(work), "--disk-io-workers", str(args.io_workers)]
     env = {"KVBM_DISK_LOW_WATERMARK": "1.0", "KVBM_DISK_IO_THREADS": str(args.io_threads)}
     log_path = run_dir / f"{instance}.log"
+    out: dict = {}
+
+    def limit_write() -> None:
+        limit.load_engine_blocks()
+        settle()
+        out["raw_write_gbps"] = total / limit.seconds(twin, in_jobs(write_order, slot_bytes), write=True) / 1e9
+
+    def limit_read() -> None:
+        limit.clear()
+        settle()
+        out["raw_read_gbps"] = total / limit.seconds(g3_path, in_jobs(read_order, slot_bytes), write=False) / 1e9
+        out["limit_identical"] = limit.holds_engine_blocks()
+
     coordinator = Coordinator(instance, run_dir, log_path, serve_args, env)
     try:
         with Client(instance=instance, runtime_dir=run_dir, timeout_s=120) as client:
-            pool = client.register_layout(engine.namespace, engine.pool_bytes)
+            pool = client.register_layout(engine.namespace, engine.pool_bytes)  # creates the G3 file
+            tier_file = g3.BlockFile.open(g3_path)
+            tier_file.close()
+            g3.BlockFile.create(twin, fingerprint=engine.namespace.fingerprint, namespace=b"",
+                                block_bytes=block_bytes, num_slots=tier_file.num_slots)[0].close()
             bound = pool.bind([engine.kv])
             for start in range(0, n, 64):
                 ids = list(range(start, min(start + 64, n)))
                 client.store(bound, [engine.hashes[i] for i in ids], ids)
+            if not tier_first:
+                limit_write()
             with zmq.Context() as ctx, ctx.socket(zmq.SUB) as events:
                 events.connect(client.events_endpoint)
                 events.subscribe(p.EVENTS_TOPIC)
@@ -229,37 +311,44 @@ def one_round(args: argparse.Namespace, engine: Engine, work: Path, run_dir: Pat
                 assert len(client.lookup(pool, engine.hashes)) == n  # the second use: admitted
                 reply = client.request(p.Allocate(req=0, lease=client.lease, pool_id=pool.pool_id, hashes=trigger))
                 wait_written(events, n)
-                write_s = time.perf_counter() - t0
+                out["write_gbps"] = total / (time.perf_counter() - t0) / 1e9
+            check_direct(coordinator.proc.pid, g3_path)
             client.request(p.Free(req=0, lease=client.lease, pool_id=pool.pool_id, block_ids=reply.block_ids))
     finally:
         coordinator.stop()
+    tier_order, read_order = tier_slots(g3_path, engine.hashes)
+    if tier_first:
+        write_order = tier_order
+        limit_write()
 
-    raw_read_s = best_raw_seconds(args.limit_runs, raw_file, n, block_bytes, *shape, write=False)
-    raw_file.unlink()
-
+    if not tier_first:
+        limit_read()
     t0 = time.perf_counter()
     coordinator = Coordinator(instance, run_dir, log_path, serve_args, env)
-    restart_s = time.perf_counter() - t0
+    out["restart_s"] = time.perf_counter() - t0
     try:
         with Client(instance=instance, runtime_dir=run_dir, timeout_s=120) as client:
             pool = client.register_layout(engine.namespace, engine.pool_bytes)
             settle()
             t0 = time.perf_counter()
             reply = client.request(p.Lookup(req=0, lease=client.lease, pool_id=pool.pool_id, hashes=engine.hashes))
-            read_s = time.perf_counter() - t0
+            out["read_gbps"] = total / (time.perf_counter() - t0) / 1e9
             assert reply.tiers == [p.Tier.DISK] * n, f"staged {reply.tiers.count(p.Tier.DISK)} of {n}"
-            out = np.zeros_like(engine.kv)
-            loaded = client.load(pool.bind([out]), engine.hashes, list(range(n)))
-            identical = loaded.loaded == n and bool(np.array_equal(out.view(np.uint16), engine.kv.view(np.uint16)))
+            check_direct(coordinator.proc.pid, g3_path)
+            loaded = np.zeros_like(engine.kv)
+            got = client.load(pool.bind([loaded]), engine.hashes, list(range(n)))
+            out["identical"] = got.loaded == n and bool(np.array_equal(loaded.view(np.uint16),
+                                                                        engine.kv.view(np.uint16)))
     finally:
         coordinator.stop()
-    log_text = log_path.read_text()
-    if "O_DIRECT" in log_text and ("refuses" in log_text or "refused" in log_text):
-        raise SystemExit(f"the disk tier fell back to buffered I/O in {args.dir}: its figures cannot be held "
-                         "against the O_DIRECT limit; see the coordinator log:\n" + log_text)
-    return {"raw_write_gbps": total / raw_write_s / 1e9, "write_gbps": total / write_s / 1e9,
-            "raw_read_gbps": total / raw_read_s / 1e9, "read_gbps": total / read_s / 1e9,
-            "restart_s": restart_s, "identical": identical}
+    if tier_first:
+        limit_read()
+    out["write_ratio"] = out["write_gbps"] / out["raw_write_gbps"]
+    out["read_ratio"] = out["read_gbps"] / out["raw_read_gbps"]
+    return out, tier_order
+
+
+FIGURES = ("raw_write_gbps", "write_gbps", "write_ratio", "raw_read_gbps", "read_gbps", "read_ratio", "restart_s")
 
 
 def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
@@ -269,30 +358,30 @@ def run(args: argparse.Namespace) -> tuple[list[dict], dict]:
         raise SystemExit(f"{n} blocks: write-back looks at most {MAX_WINDOW} blocks ahead of eviction; "
                          "use larger --block-kib or a smaller --gib")
     engine = Engine(n, block_bytes)
-    rounds = []
+    limit = Limit(engine, args.io_workers, args.io_threads)
+    rounds, write_order = [], None
     for r in range(args.rounds):
         work = Path(tempfile.mkdtemp(prefix="kvbm-bench-", dir=args.dir))
         run_dir = Path(tempfile.mkdtemp(prefix="kvb", dir="/tmp"))  # short: ipc:// paths are limited
         try:
-            rounds.append({"round": r + 1, **one_round(args, engine, work, run_dir, f"bench{os.getpid()}r{r}")})
+            figures, write_order = one_round(args, engine, limit, work, run_dir, f"bench{os.getpid()}r{r}",
+                                             tier_first=r % 2 == 0, write_order=write_order)
+            rounds.append({"round": r + 1, "first": "tier" if r % 2 == 0 else "limit", **figures})
         finally:
             shutil.rmtree(work, ignore_errors=True)
             shutil.rmtree(run_dir, ignore_errors=True)
-    med = {k: statistics.median(r[k] for r in rounds)
-           for k in ("raw_write_gbps", "write_gbps", "raw_read_gbps", "read_gbps", "restart_s")}
+    med = {k: round(statistics.median(r[k] for r in rounds), 3) for k in FIGURES}
     summary = {
         "dir": args.dir, "block_bytes": block_bytes, "num_blocks": n, "bytes": n * block_bytes,
         "io_workers": args.io_workers, "io_threads": args.io_threads,
-        "queue_depth": args.io_workers * args.io_threads, "identical": all(r["identical"] for r in rounds),
-        **{k: round(v, 3) for k, v in med.items()},
-        "write_ratio": round(med["write_gbps"] / med["raw_write_gbps"], 3),
-        "read_ratio": round(med["read_gbps"] / med["raw_read_gbps"], 3),
+        "queue_depth": args.io_workers * args.io_threads,
+        "identical": all(r["identical"] and r["limit_identical"] for r in rounds),
+        **med, "ratio_vs_limit": min(med["write_ratio"], med["read_ratio"]),
     }
-    summary["ratio_vs_limit"] = min(summary["write_ratio"], summary["read_ratio"])
     for r in rounds:
-        for k in med:
+        for k in FIGURES:
             r[k] = round(r[k], 2)
-        del r["identical"]
+        del r["identical"], r["limit_identical"]
     return rounds, summary
 
 
@@ -301,8 +390,7 @@ def main() -> int:
     parser.add_argument("--dir", default=str(default_disk_dir()), help="disk directory (default: the G3 default)")
     parser.add_argument("--gib", type=float, default=1.0, help="GiB of blocks (default 1)")
     parser.add_argument("--block-kib", type=int, default=2048, help="block size in KiB (default 2048)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating raw/tier rounds; medians reported")
-    parser.add_argument("--limit-runs", type=int, default=3, help="raw passes per phase; the fastest is the limit")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds, tier and limit first in turn; medians reported")
     parser.add_argument("--io-workers", type=int, default=2)
     parser.add_argument("--io-threads", type=int, default=4)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -310,10 +398,9 @@ def main() -> int:
     Path(args.dir).mkdir(parents=True, exist_ok=True)
     rounds, summary = run(args)
     title = (f"disk tier: {summary['num_blocks']} blocks of {summary['block_bytes'] / 2**20:g} MiB through "
-             f"{args.io_workers} I/O workers x {args.io_threads} threads (O_DIRECT) vs the same pattern raw "
-             f"at queue depth {summary['queue_depth']}, GB/s, in {args.dir}")
-    benchlib.report(title, ["round", "raw_write_gbps", "write_gbps", "raw_read_gbps", "read_gbps", "restart_s"],
-                    rounds, summary, args.json)
+             f"{args.io_workers} I/O workers x {args.io_threads} threads (O_DIRECT) vs its own requests replayed "
+             f"raw at queue depth {summary['queue_depth']}, GB/s, in {args.dir}")
+    benchlib.report(title, ["round", "first", *FIGURES], rounds, summary, args.json)
     return 0 if summary["identical"] else 1
 
 
