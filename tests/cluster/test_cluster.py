@@ -11,12 +11,14 @@ B; a client without the cluster secret gets nothing from the TCP endpoint.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import zmq
@@ -64,6 +66,19 @@ class Engine:
 
     def close(self) -> None:
         self.client.close()
+
+
+def agent_pid(node) -> int:
+    """The pid of a node's NIXL agent process (a child of its coordinator)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == node.proc.pid and b"kvbm_shm.cluster.agent" in cmdline:
+            return int(stat.parent.name)
+    raise AssertionError(f"no NIXL agent process under coordinator {node.proc.pid}")
 
 
 def wait_registered(*engines: Engine, timeout_s: float = 30) -> None:
@@ -177,10 +192,13 @@ def test_a_killed_mid_read_is_a_miss_within_the_deadline(cluster):
         print("load took", out["took"])
 
     observer = Client(instance=b.instance, runtime_dir=b.runtime_dir, name="observer", timeout_s=20)
+    serving = agent_pid(a)
+    os.kill(serving, signal.SIGSTOP)  # A's agent serves no byte: the read stays under way until A dies
     t = threading.Thread(target=load)
     t.start()
     wait_for(lambda: observer.stats().tiers["g4"]["counters"].get("reads", 0) >= 1, 30, "B's NIXL read under way")
     a.kill()
+    os.kill(serving, signal.SIGKILL)
     t.join(30)
     assert not t.is_alive()
     counters = eb.g4()["counters"]
