@@ -342,10 +342,12 @@ def test_a_coordinator_other_than_the_one_the_runtime_file_names_is_refused(coor
 
 
 def listen_forever(path: str) -> None:
-    """(as the other user) a fake coordinator: a unix socket that accepts and never answers."""
+    """(as the other user) a fake coordinator: a unix socket that accepts and never answers. It
+    appears at `path` only once it listens (bound under another name, then renamed)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
+    sock.bind(path + ".tmp")
     sock.listen(16)
+    os.rename(path + ".tmp", path)
     while True:
         time.sleep(1)
 
