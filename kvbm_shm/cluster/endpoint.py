@@ -7,14 +7,12 @@ answers up to one batch of requests with `answer(request)`; only `PEER_REQUESTS`
 (anything else gets UNKNOWN_OP), a Hello's pid is taken as 0 (a peer's pid means nothing here: only
 the lease timeout ends its lease), and the same bounds as the local endpoint apply: frame size, two
 frames, queued replies and requests per peer, handshake time. `publish(frames)` sends an event
-batch. `wake()` (any thread) makes `wakeup_fd` readable, so the server's poll returns at once when a
-remote fetch is done; `drain_wakeups()` empties it.
+batch.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Callable
 
 import zmq
@@ -40,7 +38,6 @@ class PeerEndpoint:
         self.router = ctx.socket(zmq.ROUTER)
         self.pub = ctx.socket(zmq.PUB)
         self.refused = 0
-        self.wakeup_fd, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             for sock in (self.router, self.pub):
                 sock.setsockopt(zmq.LINGER, 0)
@@ -110,22 +107,7 @@ class PeerEndpoint:
     def publish(self, frames: list[bytes]) -> None:
         self.pub.send_multipart(frames)
 
-    def wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):  # full: the loop is awake anyway; closed: shutting down
-            pass
-
-    def drain_wakeups(self) -> None:
-        try:
-            while os.read(self.wakeup_fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
     def close(self) -> None:
         self.router.close(0)
         self.pub.close(200)
         self.auth.close()
-        os.close(self.wakeup_fd)
-        os.close(self._wake_w)

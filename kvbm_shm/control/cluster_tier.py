@@ -131,7 +131,6 @@ class ClusterTier(Tier):
         deadline = time.monotonic() + self.config.cluster_deadline_ms / 1000
         staging.future = self.node.fetch(node, pool.fingerprint, rest[:k], pool.segment.segment_id, ids[:k],
                                          [pool.segment.block(b) for b in ids[:k]], deadline)
-        staging.future.add_done_callback(lambda _: self.endpoint.wake())  # the loop answers at once
         self.counters["remote_lookups"] += 1
         return staging
 

@@ -154,7 +154,6 @@ class Server:
             poller.register(sock, zmq.POLLIN)
         if self.peers is not None:
             poller.register(self.peers.router, zmq.POLLIN)
-            poller.register(self.peers.wakeup_fd, zmq.POLLIN)
         flush_pending = False
         while not self._stop.is_set():
             ready = poller.poll(self._poll_ms(flush_pending))
@@ -171,8 +170,6 @@ class Server:
                 elif self.peers is not None and sock is self.peers.router:
                     self.peers.drain(self.coordinator.handle, self.coordinator.error_reply)
                     flush_pending = True
-                elif self.peers is not None and sock == self.peers.wakeup_fd:  # a remote fetch is done
-                    self.peers.drain_wakeups()
                 else:
                     self._survive(f"{groups[sock].kind} workers", groups[sock].on_readable)
             if self._deferred:
