@@ -92,6 +92,20 @@ def wait_index(engine: Engine, node: str, blocks: int, timeout_s: float = 20) ->
                     timeout_s, f"{blocks} blocks of node {node} in the remote index")
 
 
+def remote_hit(cluster, blocks: int, *b_args: str) -> tuple:
+    """Nodes A and B (`b_args`: more serve flags of B): an engine on A stores `blocks` blocks, an
+    engine on B loads them from A (tiers 4, A's exact bytes). Returns (a, b, engine a, engine b)."""
+    a, b = cluster.start("a"), cluster.start("b", *b_args)
+    ea = Engine(a)
+    assert ea.store(0, blocks).stored == blocks
+    eb = Engine(b)  # the same tensors, never stored on B: loads into zeroed ones compare with them
+    wait_index(eb, "a", blocks)
+    wait_registered(ea, eb)
+    result, same = eb.load(0, blocks)
+    assert (result.loaded, result.tiers, same) == (blocks, [p.Tier.CLUSTER] * blocks, True)
+    return a, b, ea, eb
+
+
 def scrape(port: int) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -102,14 +116,7 @@ def scrape(port: int) -> dict:
 
 def test_a_stores_b_hits_with_the_same_bytes(cluster):
     metrics_port = free_port()
-    a, b = cluster.start("a"), cluster.start("b", "--metrics-port", str(metrics_port))
-    ea = Engine(a)
-    assert ea.store(0, 16).stored == 16
-    eb = Engine(b)  # the same tensors, never stored on B: loads into zeroed ones compare with them
-    wait_index(eb, "a", 16)
-    wait_registered(ea, eb)
-    result, same = eb.load(0, 16)
-    assert (result.loaded, result.tiers, same) == (16, [p.Tier.CLUSTER] * 16, True)
+    a, b, ea, eb = remote_hit(cluster, 16, "--metrics-port", str(metrics_port))
     result, same = eb.load(0, 16)
     assert (result.loaded, result.tiers, same) == (16, [p.Tier.CPU] * 16, True)
     g4 = eb.g4()
@@ -127,13 +134,7 @@ def test_a_stores_b_hits_with_the_same_bytes(cluster):
 
 
 def test_three_nodes_a_block_travels_on_after_its_first_node_leaves(cluster):
-    a, b = cluster.start("a"), cluster.start("b")
-    ea = Engine(a)
-    assert ea.store(0, 8).stored == 8
-    eb = Engine(b)
-    wait_index(eb, "a", 8)
-    wait_registered(ea, eb)
-    assert eb.load(0, 8)[0].tiers == [p.Tier.CLUSTER] * 8
+    a, b, ea, eb = remote_hit(cluster, 8)
     ea.close()
     started = time.monotonic()
     a.stop()  # a clean stop leaves etcd at once, not after its lease
@@ -336,13 +337,7 @@ def test_a_stalled_peer_is_a_miss_within_the_deadline(cluster):
 
 
 def test_ls_top_and_inspect_show_the_cluster(cluster):
-    a, b = cluster.start("a"), cluster.start("b")
-    ea = Engine(a)
-    assert ea.store(0, 4).stored == 4
-    eb = Engine(b)
-    wait_index(eb, "a", 4)
-    wait_registered(ea, eb)
-    assert eb.load(0, 4)[0].tiers == [p.Tier.CLUSTER] * 4
+    a, b, ea, eb = remote_hit(cluster, 4)
     out = subprocess.run([sys.executable, "-m", "kvbm_shm", "top", b.instance, "--runtime-dir", str(b.runtime_dir),
                           "--iterations", "1"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
