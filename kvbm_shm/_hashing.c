@@ -1,15 +1,28 @@
-/* Block identity in C. The contract is in kvbm_shm/hashing.py; `chain` computes exactly what
-   its pure-Python path does.
+/* Block identity and the shared hash index in C. The contracts are in kvbm_shm/hashing.py and
+   kvbm_shm/hash_index.py; each function here computes exactly what their pure-Python paths do.
 
    chain(tokens, page_size, prev) -> list of 16-byte digests
        h_i = XXH3-128(h_(i-1) || tokens of block i as little-endian uint32), h_-1 = prev, each
        digest in XXH3's canonical (big-endian) form; only full blocks. `tokens` is a list or
        tuple of ints (converted here, OverflowError outside [0, 2**32), TypeError for an item that
        is not an int) or a C-contiguous buffer of little-endian uint32 (bytes, numpy).
- */
 
+   The index (layouts in hash_index.py): a header, then `slots` (a power of two) 32-byte slots
+   [seq u64][hash 16 B][block u32][pad u32], linear probing from the slot named by the low bits
+   of the hash's first 8 bytes (little-endian). One writer (the coordinator); each slot update is
+   bracketed by seq += 1 (odd while writing); a removal shifts later entries back (no tombstones)
+   and is bracketed by the header's epoch += 1, so a reader that found no entry while the epoch
+   moved probes again.
+
+   index_insert(index, slots, hashes, ids) / index_remove(index, slots, hashes, ids) -> count
+   index_probe(index, slots, table, num_blocks, record_bytes, gen_off, hash_off, state_off,
+               registered, hashes) -> list of block ids: the longest prefix of `hashes` whose
+       index entry names a block whose record, read under the block table's seqlock, is in
+       state `registered` with the same hash.
+   `index` and `table` are addresses of mappings the caller keeps alive. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -17,6 +30,17 @@
 #include "_vendor/xxhash/xxhash.h"
 
 #define HASH_BYTES 16
+#define EMPTY_BLOCK 0xFFFFFFFFu
+#define SEQLOCK_TRIES 1000
+#define SEQLOCK_SPINS 64  /* then each try yields: a writer preempted mid-update gets to finish */
+
+static inline void seqlock_wait(int t)
+{
+    if (t >= SEQLOCK_SPINS)
+        sched_yield();
+}
+
+/* ---------------------------------------------------------------- chained block hashes */
 
 /* The value of an int held in one machine word by CPython (every token id), read without the
    generic conversion (a third of the time of a whole chain); 0 for other ints. */
@@ -138,8 +162,315 @@ done:
     return result;
 }
 
+/* ---------------------------------------------------------------- the shared hash index */
+
+#define INDEX_HEADER_BYTES 64
+
+typedef struct {
+    uint64_t seq;
+    unsigned char hash[HASH_BYTES];
+    uint32_t block;
+    uint32_t pad;
+} slot_t;
+
+typedef struct {
+    uint64_t epoch;
+    uint64_t count;
+} index_head_t;
+
+static inline slot_t *slots_of(uintptr_t index)
+{
+    return (slot_t *)(index + INDEX_HEADER_BYTES);
+}
+
+static inline size_t home_of(const unsigned char *hash, size_t mask)
+{
+    uint64_t v = 0;
+    for (int b = 7; b >= 0; b--)
+        v = (v << 8) | hash[b];
+    return (size_t)(v & mask);
+}
+
+/* One writer: the slot's seq is made even (a crashed writer may have left it odd), then odd
+   while the entry changes, then even again. */
+static void slot_write(slot_t *s, const unsigned char *hash, uint32_t block)
+{
+    uint64_t q = (__atomic_load_n(&s->seq, __ATOMIC_RELAXED) + 1) & ~(uint64_t)1;
+    __atomic_store_n(&s->seq, q + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    memcpy(s->hash, hash, HASH_BYTES);
+    __atomic_store_n(&s->block, block, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->seq, q + 2, __ATOMIC_RELEASE);
+}
+
+/* A consistent copy of a slot; 0 if it kept changing. */
+static int slot_read(const slot_t *s, unsigned char *hash, uint32_t *block)
+{
+    for (int t = 0; t < SEQLOCK_TRIES; t++) {
+        uint64_t a = __atomic_load_n(&s->seq, __ATOMIC_ACQUIRE);
+        seqlock_wait(t);
+        if (a & 1)
+            continue;
+        memcpy(hash, s->hash, HASH_BYTES);
+        *block = __atomic_load_n(&s->block, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (__atomic_load_n(&s->seq, __ATOMIC_RELAXED) == a)
+            return 1;
+    }
+    return 0;
+}
+
+static int parse_hashes(PyObject *list, PyObject **seq)
+{
+    *seq = PySequence_Fast(list, "hashes must be a list of 16-byte bytes");
+    if (*seq == NULL)
+        return -1;
+    PyObject *const *items = PySequence_Fast_ITEMS(*seq);
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(*seq); i++) {
+        if (!PyBytes_Check(items[i]) || PyBytes_GET_SIZE(items[i]) != HASH_BYTES) {
+            PyErr_SetString(PyExc_ValueError, "hashes must be 16-byte bytes");
+            Py_CLEAR(*seq);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int check_slots(Py_ssize_t slots)
+{
+    if (slots <= 0 || (slots & (slots - 1))) {
+        PyErr_Format(PyExc_ValueError, "index slots must be a power of two, got %zd", slots);
+        return -1;
+    }
+    return 0;
+}
+
+/* Entries (hash, block) to insert or remove, as parsed lists; -1 with an exception if malformed. */
+static int parse_entries(PyObject *hashes, PyObject *ids, PyObject **hseq, PyObject **iseq)
+{
+    if (parse_hashes(hashes, hseq) < 0)
+        return -1;
+    *iseq = PySequence_Fast(ids, "block ids must be a list of ints");
+    if (*iseq == NULL || PySequence_Fast_GET_SIZE(*iseq) != PySequence_Fast_GET_SIZE(*hseq)) {
+        if (*iseq != NULL)
+            PyErr_SetString(PyExc_ValueError, "one block id per hash");
+        Py_CLEAR(*hseq);
+        Py_CLEAR(*iseq);
+        return -1;
+    }
+    return 0;
+}
+
+static long block_id_of(PyObject *item)
+{
+    long b = PyLong_AsLong(item);
+    if (b == -1 && PyErr_Occurred())
+        return -1;
+    if (b < 0 || b >= (long)EMPTY_BLOCK) {
+        PyErr_Format(PyExc_ValueError, "block id %ld out of range", b);
+        return -1;
+    }
+    return b;
+}
+
+static PyObject *index_insert(PyObject *self, PyObject *args)
+{
+    unsigned long long addr;
+    Py_ssize_t slots;
+    PyObject *hashes, *ids, *hseq, *iseq;
+    if (!PyArg_ParseTuple(args, "KnOO", &addr, &slots, &hashes, &ids) || check_slots(slots) < 0
+            || parse_entries(hashes, ids, &hseq, &iseq) < 0)
+        return NULL;
+    index_head_t *head = (index_head_t *)(uintptr_t)addr;
+    slot_t *table = slots_of((uintptr_t)addr);
+    size_t mask = (size_t)slots - 1;
+    Py_ssize_t added = 0;
+    for (Py_ssize_t e = 0; e < PySequence_Fast_GET_SIZE(hseq); e++) {
+        const unsigned char *hash = (const unsigned char *)PyBytes_AS_STRING(PySequence_Fast_GET_ITEM(hseq, e));
+        long b = block_id_of(PySequence_Fast_GET_ITEM(iseq, e));
+        if (b < 0)
+            goto fail;
+        size_t i = home_of(hash, mask);
+        Py_ssize_t n = 0;
+        for (; n < slots; n++, i = (i + 1) & mask) {
+            if (table[i].block == EMPTY_BLOCK) {
+                slot_write(&table[i], hash, (uint32_t)b);
+                added++;
+                break;
+            }
+            if (memcmp(table[i].hash, hash, HASH_BYTES) == 0) {
+                if (table[i].block != (uint32_t)b)
+                    slot_write(&table[i], hash, (uint32_t)b);
+                break;
+            }
+        }
+        if (n == slots) {
+            PyErr_SetString(PyExc_OverflowError, "hash index is full");
+            goto fail;
+        }
+    }
+    __atomic_store_n(&head->count, head->count + added, __ATOMIC_RELAXED);
+    Py_DECREF(hseq);
+    Py_DECREF(iseq);
+    return PyLong_FromSsize_t(added);
+fail:
+    __atomic_store_n(&head->count, head->count + added, __ATOMIC_RELAXED);
+    Py_DECREF(hseq);
+    Py_DECREF(iseq);
+    return NULL;
+}
+
+static const unsigned char zero_hash[HASH_BYTES];
+
+static PyObject *index_remove(PyObject *self, PyObject *args)
+{
+    unsigned long long addr;
+    Py_ssize_t slots;
+    PyObject *hashes, *ids, *hseq, *iseq;
+    if (!PyArg_ParseTuple(args, "KnOO", &addr, &slots, &hashes, &ids) || check_slots(slots) < 0
+            || parse_entries(hashes, ids, &hseq, &iseq) < 0)
+        return NULL;
+    index_head_t *head = (index_head_t *)(uintptr_t)addr;
+    slot_t *table = slots_of((uintptr_t)addr);
+    size_t mask = (size_t)slots - 1;
+    Py_ssize_t removed = 0;
+    PyObject *out = NULL;
+    for (Py_ssize_t e = 0; e < PySequence_Fast_GET_SIZE(hseq); e++) {
+        const unsigned char *hash = (const unsigned char *)PyBytes_AS_STRING(PySequence_Fast_GET_ITEM(hseq, e));
+        long b = block_id_of(PySequence_Fast_GET_ITEM(iseq, e));
+        if (b < 0)
+            goto done;
+        size_t i = home_of(hash, mask);
+        Py_ssize_t n = 0;
+        for (; n < slots && table[i].block != EMPTY_BLOCK; n++, i = (i + 1) & mask)
+            if (memcmp(table[i].hash, hash, HASH_BYTES) == 0)
+                break;
+        if (n == slots || table[i].block != (uint32_t)b)
+            continue;  /* not indexed, or indexed under another block */
+        uint64_t epoch = (__atomic_load_n(&head->epoch, __ATOMIC_RELAXED) + 1) & ~(uint64_t)1;
+        __atomic_store_n(&head->epoch, epoch + 1, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        size_t j = i;
+        for (;;) {  /* backward shift: move later entries of the run into the hole */
+            j = (j + 1) & mask;
+            if (table[j].block == EMPTY_BLOCK)
+                break;
+            size_t k = home_of(table[j].hash, mask);
+            if (j > i ? (k <= i || k > j) : (k <= i && k > j)) {
+                slot_write(&table[i], table[j].hash, table[j].block);
+                i = j;
+            }
+        }
+        slot_write(&table[i], zero_hash, EMPTY_BLOCK);
+        __atomic_store_n(&head->epoch, epoch + 2, __ATOMIC_RELEASE);
+        removed++;
+    }
+    out = PyLong_FromSsize_t(removed);
+done:
+    __atomic_store_n(&head->count, head->count - removed, __ATOMIC_RELAXED);
+    Py_DECREF(hseq);
+    Py_DECREF(iseq);
+    return out;
+}
+
+#define NOT_FOUND (-1L)
+
+/* The block the index names for `hash`, or NOT_FOUND. A run that ended while a removal was
+   shifting entries is probed again (a few times; then it counts as not found). */
+static long probe_one(uintptr_t index, size_t mask, const unsigned char *hash)
+{
+    const index_head_t *head = (const index_head_t *)index;
+    const slot_t *table = slots_of(index);
+    for (int attempt = 0; attempt < 8; attempt++) {
+        uint64_t e0 = __atomic_load_n(&head->epoch, __ATOMIC_ACQUIRE);
+        size_t i = home_of(hash, mask);
+        for (size_t n = 0; n <= mask; n++, i = (i + 1) & mask) {
+            unsigned char h[HASH_BYTES];
+            uint32_t b;
+            if (!slot_read(&table[i], h, &b) || b == EMPTY_BLOCK)
+                break;
+            if (memcmp(h, hash, HASH_BYTES) == 0)
+                return (long)b;
+        }
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (!(e0 & 1) && __atomic_load_n(&head->epoch, __ATOMIC_RELAXED) == e0)
+            return NOT_FOUND;
+    }
+    return NOT_FOUND;
+}
+
+/* Whether block record `rec`, read under its seqlock, is in state `registered` under `hash`. */
+static int record_names(const unsigned char *rec, Py_ssize_t gen_off, Py_ssize_t hash_off, Py_ssize_t state_off,
+                        int registered, const unsigned char *hash)
+{
+    const uint64_t *gen = (const uint64_t *)(rec + gen_off);
+    for (int t = 0; t < SEQLOCK_TRIES; t++) {
+        uint64_t a = __atomic_load_n(gen, __ATOMIC_ACQUIRE);
+        seqlock_wait(t);
+        if (a & 1)
+            continue;
+        unsigned char h[HASH_BYTES];
+        memcpy(h, rec + hash_off, HASH_BYTES);
+        unsigned char state = __atomic_load_n(rec + state_off, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (__atomic_load_n(gen, __ATOMIC_RELAXED) == a)
+            return state == registered && memcmp(h, hash, HASH_BYTES) == 0;
+    }
+    return 0;
+}
+
+static PyObject *index_probe(PyObject *self, PyObject *args)
+{
+    unsigned long long addr, table_addr;
+    Py_ssize_t slots, num_blocks, record_bytes, gen_off, hash_off, state_off;
+    int registered;
+    PyObject *hashes, *hseq;
+    if (!PyArg_ParseTuple(args, "KnKnnnnniO", &addr, &slots, &table_addr, &num_blocks, &record_bytes, &gen_off,
+                          &hash_off, &state_off, &registered, &hashes)
+            || check_slots(slots) < 0 || parse_hashes(hashes, &hseq) < 0)
+        return NULL;
+    if (gen_off < 0 || gen_off + 8 > record_bytes || hash_off < 0 || hash_off + HASH_BYTES > record_bytes
+            || state_off < 0 || state_off >= record_bytes) {
+        Py_DECREF(hseq);
+        PyErr_SetString(PyExc_ValueError, "record fields outside the record");
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(hseq);
+    long *found = PyMem_Malloc(sizeof(long) * (n ? n : 1));
+    if (found == NULL) {
+        Py_DECREF(hseq);
+        return PyErr_NoMemory();
+    }
+    Py_ssize_t hits = 0;
+    for (; hits < n; hits++) {
+        const unsigned char *hash = (const unsigned char *)PyBytes_AS_STRING(PySequence_Fast_GET_ITEM(hseq, hits));
+        long b = probe_one((uintptr_t)addr, (size_t)slots - 1, hash);
+        if (b < 0 || b >= num_blocks
+                || !record_names((const unsigned char *)(uintptr_t)table_addr + b * record_bytes, gen_off, hash_off,
+                                 state_off, registered, hash))
+            break;
+        found[hits] = b;
+    }
+    Py_DECREF(hseq);
+    PyObject *out = PyList_New(hits);
+    for (Py_ssize_t i = 0; out != NULL && i < hits; i++) {
+        PyObject *v = PyLong_FromLong(found[i]);
+        if (v == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, i, v);
+    }
+    PyMem_Free(found);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"chain", chain, METH_VARARGS, "chain(tokens, page_size, prev) -> list of 16-byte chained XXH3-128 digests"},
+    {"index_insert", index_insert, METH_VARARGS, "index_insert(index, slots, hashes, ids) -> entries added"},
+    {"index_remove", index_remove, METH_VARARGS, "index_remove(index, slots, hashes, ids) -> entries removed"},
+    {"index_probe", index_probe, METH_VARARGS,
+     "index_probe(index, slots, table, num_blocks, record_bytes, gen_off, hash_off, state_off, registered, hashes)"
+     " -> block ids of the longest verified prefix"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -147,5 +478,11 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_hashing", NULL, -1,
 
 PyMODINIT_FUNC PyInit__hashing(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && (PyModule_AddIntConstant(m, "INDEX_HEADER_BYTES", INDEX_HEADER_BYTES) < 0
+                      || PyModule_AddIntConstant(m, "SLOT_BYTES", sizeof(slot_t)) < 0)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }
