@@ -21,8 +21,9 @@ Layout of the region (little-endian):
   stay those of a table that was never churned), bracketed by `epoch` (odd while shifting). An
   entry being shifted can be missed by a reader that crossed its new slot before the move; a
   reader that found no entry therefore probes again if `epoch` moved (a few times, then: a miss).
-- `lower_tiers`: the coordinator sets it when a lower tier (disk) may hold blocks this pool does
-  not; a client then asks the coordinator about the part of a request past its local hits.
+- `lower_tiers`: the coordinator sets it while some tier below G2 exists (disk, cluster: any tier
+  that can stage blocks this pool does not hold); a client then asks the coordinator about a
+  request its local hits do not cover whole.
 - `closed`: set (and the index emptied) when the coordinator stops cleanly and removes the pool:
   a client that still maps it asks the coordinator instead, and so learns that the pool is gone.
   A coordinator that dies leaves the index as it was: its blocks stay servable, and the next
@@ -165,11 +166,16 @@ class HashIndex:
         """The pool is going away: no client answers from this index any more."""
         self._check_writable()
         self.header["closed"] = 1
-        self.clear()
+        self._empty()
 
     def clear(self) -> None:
-        """Empty every slot (a coordinator adopting a pool rebuilds the index from the table)."""
+        """Empty every slot and open the index: a coordinator adopting a pool rebuilds it from the
+        table (a pool whose coordinator died while closing it is open again)."""
         self._check_writable()
+        self._empty()
+        self.header["closed"] = 0
+
+    def _empty(self) -> None:
         epoch = (int(self.header["epoch"]) + 1) & ~1
         self.header["epoch"] = epoch + 1
         seq = self.entries["seq"]
