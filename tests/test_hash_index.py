@@ -1,10 +1,14 @@
 """The shared hash index: exact contents after inserts and removals (C and Python paths write the
-same bytes), answers verified against block records, and a writer process churning it while a
-reader probes: a reader never gets a block whose record does not hold the probed hash."""
+same bytes), answers verified against block records, a writer process churning it while a
+reader probes (a reader never gets a block whose record does not hold the probed hash), and,
+through a real coordinator, lookups answered without a round trip whose use still reaches the
+coordinator's counters and eviction order."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import struct
 import time
 import uuid
@@ -13,10 +17,13 @@ import numpy as np
 import pytest
 
 from kvbm_shm import hash_index
+from kvbm_shm.errors import KvbmError
+from kvbm_shm.client import USAGE_REPORT_S
 from kvbm_shm.hash_index import EMPTY, HashIndex, region_bytes, slots_for
-from kvbm_shm.shm import RECORD_DTYPE, BlockState, Segment, unlink
+from kvbm_shm.shm import RECORD_DTYPE, BlockState, PoolSegment, Segment, unlink
 
-from .procs import start_child
+from . import engine
+from .procs import start_child, wait_for
 
 
 @pytest.fixture(params=["c", "python"])
@@ -161,6 +168,10 @@ def test_clear_and_read_only(path):
         reader.insert([h_at(0, 1)], [0])
     index.lower_tiers = True
     assert index.lower_tiers and int(index.header["lower_tiers"]) == 1
+    register(index, 1, h_at(1, 1))
+    assert not index.closed and index.probe([h_at(1, 1)]) == [1]
+    index.close()
+    assert index.closed and len(index) == 0 and index.probe([h_at(1, 1)]) == []
 
 
 # ---------------------------------------------------------------- a writer racing readers
@@ -251,3 +262,63 @@ def test_racing_writer_never_makes_a_reader_serve_another_block(path):
         if reader_seg is not None:
             reader_seg.close()
         unlink(name)
+
+
+# ---------------------------------------------------------------- wired into the service
+
+
+def _lookups(client, pool) -> dict[str, int]:
+    c = client.stats().pools[0].counters
+    return {k: c[k] for k in ("lookups", "lookup_blocks", "hit_blocks")}
+
+
+@pytest.mark.timeout(60)
+def test_local_lookups_are_reported_and_keep_hot_blocks(coordinator, instance, runtime_dir):
+    kv = engine.make_kv(3)
+    ns = engine.namespace(kv)
+    hashes = engine.prompt_hashes(6)
+    with (engine.connect(instance, runtime_dir, "reader") as reader,
+          engine.connect(instance, runtime_dir, "writer") as writer):
+        pool = reader.register_layout(ns, cache_bytes=PoolSegment.size_for(4, ns.kv.block_bytes))
+        assert pool.num_blocks == 4 and not pool.segment.index.lower_tiers
+        assert reader.store(pool.bind(kv), hashes[:4], [0, 1, 2, 3]).stored == 4  # least recent first: 0, 1, 2, 3
+        before = _lookups(reader, pool)
+        os.kill(coordinator.proc.pid, signal.SIGSTOP)  # answered from the index: no round trip
+        try:
+            for _ in range(5):
+                assert reader.lookup(pool, hashes[:2] + hashes[4:5]) == [0, 1]
+        finally:
+            os.kill(coordinator.proc.pid, signal.SIGCONT)
+        want = {"lookups": before["lookups"] + 5, "lookup_blocks": before["lookup_blocks"] + 15,
+                "hit_blocks": before["hit_blocks"] + 10}
+        wait_for(lambda: _lookups(reader, pool) == want, timeout_s=10 * USAGE_REPORT_S + 5, what="usage report")
+        # another client's store evicts the least recently used: blocks 2 and 3, not the hot 0 and 1
+        wpool = writer.register_layout(ns)
+        assert writer.store(wpool.bind(kv), hashes[4:6], [0, 1]).stored == 2
+        assert reader.lookup(pool, hashes[:2]) == [0, 1]
+        assert reader.lookup(pool, hashes[2:3]) == [] and reader.lookup(pool, hashes[3:4]) == []
+        # the reader's own lookups reach the coordinator before its next store, however soon
+        assert reader.lookup(pool, hashes[4:5]) == [wpool.segment.index.probe(hashes[4:5])[0]]
+        assert reader.store(pool.bind(kv), hashes[2:3], [2]).stored == 1  # evicts the LRU one: hashes[5]
+        assert reader.lookup(pool, hashes[4:5]) != [] and reader.lookup(pool, hashes[5:6]) == []
+        assert reader.lookup(pool, hashes[:2]) == [0, 1]
+
+
+@pytest.mark.timeout(60)
+def test_lookup_with_pins_or_after_a_clean_stop_asks_the_coordinator(coordinator_factory, instance, runtime_dir):
+    first = coordinator_factory()
+    kv = engine.make_kv(4)
+    client = engine.connect(instance, runtime_dir, timeout_s=1.0)
+    pool = client.register_layout(engine.namespace(kv))
+    hashes = engine.prompt_hashes(2)
+    assert client.store(pool.bind(kv), hashes, [0, 1]).stored == 2
+    pinned = client.lookup(pool, hashes, pin=True)
+    assert client.stats().pools[0].pinned == 2
+    client.release(pool, pinned)
+    first.stop()
+    assert pool.segment.index.closed  # the pool is gone: a lookup must not be answered from it
+    with pytest.raises(KvbmError):
+        client.lookup(pool, hashes)
+    coordinator_factory()
+    assert client.lookup(pool, hashes) == []
+    client.close()
