@@ -16,9 +16,11 @@
 
    index_insert(index, slots, hashes, ids) / index_remove(index, slots, hashes, ids) -> count
    index_probe(index, slots, table, num_blocks, record_bytes, gen_off, hash_off, state_off,
-               registered, hashes) -> list of block ids: the longest prefix of `hashes` whose
-       index entry names a block whose record, read under the block table's seqlock, is in
-       state `registered` with the same hash.
+               registered, hashes, answer) -> list of block ids: the longest prefix of `hashes`
+       whose index entry names a block whose record, read under the block table's seqlock, is
+       in state `registered` with the same hash. With `answer` true: None instead when that
+       prefix is not the lookup's answer (the index is closed; a slot or record kept changing;
+       the prefix ended early and the header's lower_tiers is set).
    `index` and `table` are addresses of mappings the caller keeps alive. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -32,6 +34,7 @@
 #define HASH_BYTES 16
 #define EMPTY_BLOCK 0xFFFFFFFFu
 #define SEQLOCK_TRIES 1000
+#define PROBE_ATTEMPTS 8
 #define SEQLOCK_SPINS 64  /* then each try yields: a writer preempted mid-update gets to finish */
 
 static inline void seqlock_wait(int t)
@@ -42,47 +45,62 @@ static inline void seqlock_wait(int t)
 
 /* ---------------------------------------------------------------- chained block hashes */
 
-/* The value of an int held in one machine word by CPython (every token id), read without the
-   generic conversion (a third of the time of a whole chain); 0 for other ints. */
-static inline int compact_value(PyObject *item, long long *v)
+/* The value of an exact int in [0, 2**30) read straight from CPython's representation (every
+   token id of a real vocabulary), without the generic conversion; 0 when the item is anything
+   else (then the generic path decides). */
+static inline int small_token(PyObject *item, uint32_t *v)
 {
+    if (!Py_IS_TYPE(item, &PyLong_Type))
+        return 0;
 #if PY_VERSION_HEX >= 0x030C0000
     if (!PyUnstable_Long_IsCompact((PyLongObject *)item))
         return 0;
-    *v = (long long)PyUnstable_Long_CompactValue((PyLongObject *)item);
+    Py_ssize_t value = PyUnstable_Long_CompactValue((PyLongObject *)item);
+    if (value < 0)
+        return 0;
+    *v = (uint32_t)value;
     return 1;
 #else
-    Py_ssize_t size = Py_SIZE(item);
-    if (size < 0 || size > 1)
+    Py_ssize_t size = Py_SIZE(item);  /* 0: zero; 1: one 30-bit digit; negative or more: generic */
+    if ((size_t)size > 1)
         return 0;
-    *v = size ? (long long)((PyLongObject *)item)->ob_digit[0] : 0;
+    *v = size ? (uint32_t)((PyLongObject *)item)->ob_digit[0] : 0;
     return 1;
 #endif
+}
+
+static int put_token_slow(PyObject *item, uint32_t *v)
+{
+    if (!PyLong_Check(item)) {
+        PyErr_SetString(PyExc_TypeError, "token ids must be ints");
+        return -1;
+    }
+    int overflow = 0;
+    long long x = PyLong_AsLongLongAndOverflow(item, &overflow);
+    if (x == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow || x < 0 || x > 0xFFFFFFFFLL) {
+        PyErr_Format(PyExc_OverflowError, "token id %R out of bounds for uint32", item);
+        return -1;
+    }
+    *v = (uint32_t)x;
+    return 0;
 }
 
 static int put_tokens(PyObject *const *items, Py_ssize_t n, unsigned char *out)
 {
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = items[i];
-        if (!PyLong_Check(item)) {
-            PyErr_SetString(PyExc_TypeError, "token ids must be ints");
+        uint32_t t;
+        if (!small_token(items[i], &t) && put_token_slow(items[i], &t) < 0)
             return -1;
-        }
-        int overflow = 0;
-        long long v;
-        if (compact_value(item, &v))  /* token ids are small ints: no generic conversion */
-            ;
-        else if ((v = PyLong_AsLongLongAndOverflow(item, &overflow)) == -1 && PyErr_Occurred())
-            return -1;
-        if (overflow || v < 0 || v > 0xFFFFFFFFLL) {
-            PyErr_Format(PyExc_OverflowError, "token id %R out of bounds for uint32", item);
-            return -1;
-        }
-        uint32_t t = (uint32_t)v;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        memcpy(out + 4 * i, &t, 4);
+#else
         out[4 * i] = (unsigned char)t;
         out[4 * i + 1] = (unsigned char)(t >> 8);
         out[4 * i + 2] = (unsigned char)(t >> 16);
         out[4 * i + 3] = (unsigned char)(t >> 24);
+#endif
     }
     return 0;
 }
@@ -92,10 +110,9 @@ static PyObject *chain(PyObject *self, PyObject *args)
     PyObject *tokens, *seq = NULL, *result = NULL;
     Py_ssize_t page_size;
     Py_buffer prev, data = {0};
-    unsigned char *scratch = NULL;
+    unsigned char *scratch = NULL, *converted = NULL;
     if (!PyArg_ParseTuple(args, "Ony*", &tokens, &page_size, &prev))
         return NULL;
-    PyObject *const *items = NULL;
     const unsigned char *raw = NULL;
     Py_ssize_t ntok;
     if (page_size <= 0) {
@@ -107,7 +124,15 @@ static PyObject *chain(PyObject *self, PyObject *args)
         if (seq == NULL)
             goto done;
         ntok = PySequence_Fast_GET_SIZE(seq);
-        items = PySequence_Fast_ITEMS(seq);
+        /* every id is converted (and checked, the tail too, as the numpy path checks them) first */
+        converted = PyMem_Malloc(ntok ? (size_t)ntok * 4 : 1);
+        if (converted == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        if (put_tokens(PySequence_Fast_ITEMS(seq), ntok, converted) < 0)
+            goto done;
+        raw = converted;
     } else {
         if (PyObject_GetBuffer(tokens, &data, PyBUF_SIMPLE) < 0)
             goto done;
@@ -132,12 +157,7 @@ static PyObject *chain(PyObject *self, PyObject *args)
     size_t plen = (size_t)prev.len;  /* the chain input before block i's tokens ends at scratch + head */
     memcpy(scratch + head - plen, prev.buf, plen);
     for (Py_ssize_t i = 0; i < nblocks; i++) {
-        if (items != NULL) {
-            if (put_tokens(items + i * page_size, page_size, scratch + head) < 0)
-                goto fail;
-        } else {
-            memcpy(scratch + head, raw + i * step, step);
-        }
+        memcpy(scratch + head, raw + i * step, step);
         XXH128_canonical_t digest;
         XXH128_canonicalFromHash(&digest, XXH3_128bits(scratch + head - plen, plen + step));
         PyObject *d = PyBytes_FromStringAndSize((const char *)digest.digest, HASH_BYTES);
@@ -147,14 +167,12 @@ static PyObject *chain(PyObject *self, PyObject *args)
         memcpy(scratch + head - HASH_BYTES, digest.digest, HASH_BYTES);
         plen = HASH_BYTES;
     }
-    /* the tail is not hashed, but its ids are checked as the numpy path checks them */
-    if (items != NULL && put_tokens(items + nblocks * page_size, ntok - nblocks * page_size, scratch + head) < 0)
-        goto fail;
     goto done;
 fail:
     Py_CLEAR(result);
 done:
     PyMem_Free(scratch);
+    PyMem_Free(converted);
     Py_XDECREF(seq);
     if (data.obj != NULL)
         PyBuffer_Release(&data);
@@ -176,7 +194,15 @@ typedef struct {
 typedef struct {
     uint64_t epoch;
     uint64_t count;
+    uint64_t slots;
+    uint32_t lower_tiers;
+    uint32_t closed;
 } index_head_t;
+
+typedef struct {
+    Py_ssize_t gen_off, hash_off, state_off;
+    int registered;
+} record_fields_t;
 
 static inline slot_t *slots_of(uintptr_t index)
 {
@@ -374,20 +400,25 @@ done:
 }
 
 #define NOT_FOUND (-1L)
+#define STALLED (-2L)  /* a slot or record kept changing: the answer is not known */
 
-/* The block the index names for `hash`, or NOT_FOUND. A run that ended while a removal was
-   shifting entries is probed again (a few times; then it counts as not found). */
-static long probe_one(uintptr_t index, size_t mask, const unsigned char *hash)
+/* The block the index names for `hash`, NOT_FOUND, or STALLED. A run that ended while a removal
+   was shifting entries is probed again (a few times; then it counts as STALLED). `i` is the
+   hash's home slot. */
+static long probe_one(uintptr_t index, size_t mask, size_t i, const unsigned char *hash)
 {
     const index_head_t *head = (const index_head_t *)index;
     const slot_t *table = slots_of(index);
-    for (int attempt = 0; attempt < 8; attempt++) {
+    size_t home = i;
+    for (int attempt = 0; attempt < PROBE_ATTEMPTS; attempt++) {
         uint64_t e0 = __atomic_load_n(&head->epoch, __ATOMIC_ACQUIRE);
-        size_t i = home_of(hash, mask);
+        i = home;
         for (size_t n = 0; n <= mask; n++, i = (i + 1) & mask) {
             unsigned char h[HASH_BYTES];
             uint32_t b;
-            if (!slot_read(&table[i], h, &b) || b == EMPTY_BLOCK)
+            if (!slot_read(&table[i], h, &b))
+                return STALLED;
+            if (b == EMPTY_BLOCK)
                 break;
             if (memcmp(h, hash, HASH_BYTES) == 0)
                 return (long)b;
@@ -396,71 +427,123 @@ static long probe_one(uintptr_t index, size_t mask, const unsigned char *hash)
         if (!(e0 & 1) && __atomic_load_n(&head->epoch, __ATOMIC_RELAXED) == e0)
             return NOT_FOUND;
     }
-    return NOT_FOUND;
+    return STALLED;
 }
 
-/* Whether block record `rec`, read under its seqlock, is in state `registered` under `hash`. */
-static int record_names(const unsigned char *rec, Py_ssize_t gen_off, Py_ssize_t hash_off, Py_ssize_t state_off,
-                        int registered, const unsigned char *hash)
+/* Whether block record `rec`, read under its seqlock, is in state `registered` under `hash`:
+   1, 0, or -1 if it kept changing. */
+static int record_names(const unsigned char *rec, const record_fields_t *f, const unsigned char *hash)
 {
-    const uint64_t *gen = (const uint64_t *)(rec + gen_off);
+    const uint64_t *gen = (const uint64_t *)(rec + f->gen_off);
     for (int t = 0; t < SEQLOCK_TRIES; t++) {
         uint64_t a = __atomic_load_n(gen, __ATOMIC_ACQUIRE);
         seqlock_wait(t);
         if (a & 1)
             continue;
         unsigned char h[HASH_BYTES];
-        memcpy(h, rec + hash_off, HASH_BYTES);
-        unsigned char state = __atomic_load_n(rec + state_off, __ATOMIC_RELAXED);
+        memcpy(h, rec + f->hash_off, HASH_BYTES);
+        unsigned char state = __atomic_load_n(rec + f->state_off, __ATOMIC_RELAXED);
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
         if (__atomic_load_n(gen, __ATOMIC_RELAXED) == a)
-            return state == registered && memcmp(h, hash, HASH_BYTES) == 0;
+            return state == f->registered && memcmp(h, hash, HASH_BYTES) == 0;
     }
-    return 0;
+    return -1;
 }
 
-static PyObject *index_probe(PyObject *self, PyObject *args)
+static int arg_size(PyObject *arg, Py_ssize_t *out)
 {
-    unsigned long long addr, table_addr;
-    Py_ssize_t slots, num_blocks, record_bytes, gen_off, hash_off, state_off;
-    int registered;
-    PyObject *hashes, *hseq;
-    if (!PyArg_ParseTuple(args, "KnKnnnnniO", &addr, &slots, &table_addr, &num_blocks, &record_bytes, &gen_off,
-                          &hash_off, &state_off, &registered, &hashes)
-            || check_slots(slots) < 0 || parse_hashes(hashes, &hseq) < 0)
+    *out = PyLong_AsSsize_t(arg);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* index_probe(index, slots, table, num_blocks, record_bytes, gen_off, hash_off, state_off,
+               registered, hashes, answer)
+   Three passes over the request, so that the memory reads of each pass overlap: the home slots
+   of every hash (prefetched), the index entries (up to the first miss; their records
+   prefetched), the records. With `answer`, None when the coordinator must be asked: the index is
+   closed, a slot or record kept changing, or the prefix ended early while a tier below G2 could
+   hold the rest. */
+static PyObject *index_probe(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "index_probe takes 11 arguments");
+        return NULL;
+    }
+    uintptr_t addr = (uintptr_t)PyLong_AsUnsignedLongLong(args[0]);
+    uintptr_t table_addr = (uintptr_t)PyLong_AsUnsignedLongLong(args[2]);
+    Py_ssize_t slots, num_blocks, record_bytes, registered, gen_off, hash_off, state_off;
+    if (PyErr_Occurred() || arg_size(args[1], &slots) < 0 || arg_size(args[3], &num_blocks) < 0
+            || arg_size(args[4], &record_bytes) < 0 || arg_size(args[5], &gen_off) < 0
+            || arg_size(args[6], &hash_off) < 0 || arg_size(args[7], &state_off) < 0
+            || arg_size(args[8], &registered) < 0 || check_slots(slots) < 0)
+        return NULL;
+    int answer = PyObject_IsTrue(args[10]);
+    if (answer < 0)
         return NULL;
     if (gen_off < 0 || gen_off + 8 > record_bytes || hash_off < 0 || hash_off + HASH_BYTES > record_bytes
-            || state_off < 0 || state_off >= record_bytes) {
-        Py_DECREF(hseq);
+            || state_off < 0 || state_off >= record_bytes || num_blocks < 0) {
         PyErr_SetString(PyExc_ValueError, "record fields outside the record");
         return NULL;
     }
+    record_fields_t f = {gen_off, hash_off, state_off, (int)registered};
+    const index_head_t *head = (const index_head_t *)addr;
+    if (answer && __atomic_load_n(&head->closed, __ATOMIC_ACQUIRE))
+        Py_RETURN_NONE;
+    PyObject *hseq;
+    if (parse_hashes(args[9], &hseq) < 0)
+        return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(hseq);
-    long *found = PyMem_Malloc(sizeof(long) * (n ? n : 1));
+    PyObject *const *items = PySequence_Fast_ITEMS(hseq);
+    long stack[512];
+    long *found = n <= 512 ? stack : PyMem_Malloc(sizeof(long) * n);
     if (found == NULL) {
         Py_DECREF(hseq);
         return PyErr_NoMemory();
     }
+    const slot_t *table = slots_of(addr);
+    const unsigned char *records = (const unsigned char *)table_addr;
+    size_t mask = (size_t)slots - 1;
+    for (Py_ssize_t i = 0; i < n; i++) {  /* pass 1: home slots */
+        found[i] = (long)home_of((const unsigned char *)PyBytes_AS_STRING(items[i]), mask);
+        __builtin_prefetch(&table[found[i]]);
+    }
     Py_ssize_t hits = 0;
-    for (; hits < n; hits++) {
-        const unsigned char *hash = (const unsigned char *)PyBytes_AS_STRING(PySequence_Fast_GET_ITEM(hseq, hits));
-        long b = probe_one((uintptr_t)addr, (size_t)slots - 1, hash);
-        if (b < 0 || b >= num_blocks
-                || !record_names((const unsigned char *)(uintptr_t)table_addr + b * record_bytes, gen_off, hash_off,
-                                 state_off, registered, hash))
+    long stop = NOT_FOUND;
+    for (; hits < n; hits++) {  /* pass 2: index entries */
+        long b = probe_one(addr, mask, (size_t)found[hits], (const unsigned char *)PyBytes_AS_STRING(items[hits]));
+        if (b < 0 || b >= num_blocks) {
+            stop = b == STALLED ? STALLED : NOT_FOUND;
             break;
+        }
         found[hits] = b;
+        __builtin_prefetch(records + b * record_bytes);
+    }
+    for (Py_ssize_t i = 0; i < hits; i++) {  /* pass 3: the records vouch for the entries */
+        const unsigned char *hash = (const unsigned char *)PyBytes_AS_STRING(items[i]);
+        int named = record_names(records + found[i] * record_bytes, &f, hash);
+        if (named != 1) {
+            hits = i;
+            stop = named < 0 ? STALLED : NOT_FOUND;
+            break;
+        }
     }
     Py_DECREF(hseq);
-    PyObject *out = PyList_New(hits);
-    for (Py_ssize_t i = 0; out != NULL && i < hits; i++) {
-        PyObject *v = PyLong_FromLong(found[i]);
-        if (v == NULL)
-            Py_CLEAR(out);
-        else
-            PyList_SET_ITEM(out, i, v);
+    PyObject *out;
+    if (answer && hits < n && (stop == STALLED || __atomic_load_n(&head->lower_tiers, __ATOMIC_RELAXED))) {
+        out = Py_None;
+        Py_INCREF(out);
+    } else {
+        out = PyList_New(hits);
+        for (Py_ssize_t i = 0; out != NULL && i < hits; i++) {
+            PyObject *v = PyLong_FromLong(found[i]);
+            if (v == NULL)
+                Py_CLEAR(out);
+            else
+                PyList_SET_ITEM(out, i, v);
+        }
     }
-    PyMem_Free(found);
+    if (found != stack)
+        PyMem_Free(found);
     return out;
 }
 
@@ -468,9 +551,9 @@ static PyMethodDef methods[] = {
     {"chain", chain, METH_VARARGS, "chain(tokens, page_size, prev) -> list of 16-byte chained XXH3-128 digests"},
     {"index_insert", index_insert, METH_VARARGS, "index_insert(index, slots, hashes, ids) -> entries added"},
     {"index_remove", index_remove, METH_VARARGS, "index_remove(index, slots, hashes, ids) -> entries removed"},
-    {"index_probe", index_probe, METH_VARARGS,
-     "index_probe(index, slots, table, num_blocks, record_bytes, gen_off, hash_off, state_off, registered, hashes)"
-     " -> block ids of the longest verified prefix"},
+    {"index_probe", (PyCFunction)(void (*)(void))index_probe, METH_FASTCALL,
+     "index_probe(index, slots, table, num_blocks, record_bytes, gen_off, hash_off, state_off, registered, hashes,"
+     " answer) -> block ids of the longest verified prefix (with answer: or None, ask the coordinator)"},
     {NULL, NULL, 0, NULL},
 };
 

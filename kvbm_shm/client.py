@@ -29,10 +29,11 @@ Contract:
 - `store` writes only blocks that are not cached yet, checksums each written block, and
   commits; if the copy fails, the blocks are freed, never registered.
 - A lookup without pins costs no round trip when the pool's hash index (`hash_index`, in the
-  segment) answers it: its whole request was found, or no tier below G2 could hold the rest (and
-  the pool was not closed by a clean stop). Otherwise (and always with `pin`) it asks the
-  coordinator. The index vouches for nothing: a block is a hit only if its record, read under the
-  seqlock, is Registered under the asked hash. Lookups answered locally are reported in batches
+  segment) answers it (`HashIndex.answer`): its whole request was found, or no tier below G2
+  could hold the rest (and the pool was not closed by a clean stop, and no record it read kept
+  changing). Otherwise (and always with `pin`) it asks the coordinator. The index vouches for
+  nothing: a block is a hit only if its record, read under the seqlock, is Registered under the
+  asked hash. Lookups answered locally are reported in batches
   (`Touch` with `lookups`, from the heartbeat thread every `USAGE_REPORT_S`, and before this
   client's next store), so the coordinator's counters and eviction order still see them.
 - `load` costs at most one round trip and holds no pins: it looks the prefix up, then copies it
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -75,7 +77,7 @@ from .shm import BlockState, PoolSegment
 log = logging.getLogger(__name__)
 
 USAGE_REPORT_S = 0.05  # local lookups reach the coordinator's eviction order within this
-_USAGE_MAX_HASHES = 1 << 16  # distinct hits per report; more are counted, not listed
+_USAGE_MAX_HASHES = 1 << 14  # hits listed per report (the heartbeat thread dedupes them); more are only counted
 
 
 @dataclasses.dataclass
@@ -164,7 +166,8 @@ def _in_pool(block_ids: list[int], num_blocks: int) -> bool:
 class _Usage:
     """Lookups of one pool answered from its hash index since the last report."""
 
-    hits: dict[bytes, None] = dataclasses.field(default_factory=dict)  # hashes found, in order of first use
+    hits: list[Sequence[bytes]] = dataclasses.field(default_factory=list)  # each lookup's hit prefix, in order
+    listed: int = 0  # hashes in `hits`
     lookups: int = 0
     lookup_blocks: int = 0
     hit_blocks: int = 0
@@ -270,10 +273,9 @@ class _Core:
     def _lookup_step(self, pool: Pool, hashes: Sequence[bytes], pin: bool) -> _Step:
         """The checked LookupReply; a pinned lookup that times out or gets a bad reply is cancelled.
         Without pins, the pool's hash index answers when it can (see the module docstring)."""
-        index = pool.segment.index
-        if not pin and not index.closed:
-            ids = index.probe(hashes)
-            if len(ids) == len(hashes) or not index.lower_tiers:
+        if not pin:
+            ids = pool.segment.index.answer(hashes)
+            if ids is not None:
                 self._note_usage(pool, hashes, ids)
                 return p.LookupReply(req=0, block_ids=ids, tiers=[p.Tier.CPU] * len(ids))
         lookup = p.Lookup(req=0, lease=self.lease, pool_id=pool.pool_id, hashes=list(hashes), pin=pin)
@@ -348,8 +350,9 @@ class _Core:
             usage.lookups += 1
             usage.lookup_blocks += len(hashes)
             usage.hit_blocks += len(ids)
-            if ids and len(usage.hits) < _USAGE_MAX_HASHES:
-                usage.hits.update(dict.fromkeys(hashes[:len(ids)]))
+            if ids and usage.listed < _USAGE_MAX_HASHES:  # deduplicated by the report, off the lookup's path
+                usage.hits.append(hashes[:len(ids)])
+                usage.listed += len(ids)
 
     def _usage_report(self, pool: Pool) -> p.Touch | None:
         """The Touch that reports `pool`'s local lookups since the last report, or None."""
@@ -358,7 +361,8 @@ class _Core:
             if not usage.lookups:
                 return None
             pool.usage = _Usage()
-        return p.Touch(req=0, lease=self.lease, pool_id=pool.pool_id, hashes=list(usage.hits), lookups=usage.lookups,
+        hits = list(dict.fromkeys(itertools.chain.from_iterable(usage.hits)))  # in order of first use
+        return p.Touch(req=0, lease=self.lease, pool_id=pool.pool_id, hashes=hits, lookups=usage.lookups,
                        lookup_blocks=usage.lookup_blocks, hit_blocks=usage.hit_blocks)
 
     def _simple_step(self, request: p._Request) -> _Step:

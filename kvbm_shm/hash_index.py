@@ -30,8 +30,9 @@ Layout of the region (little-endian):
   coordinator adopts the pool and rebuilds the index.
 
 Writer: `HashIndex.format(region, slots)`, `insert(hashes, ids)`, `remove(hashes, ids)` (an
-entry is removed only if it names that block), `clear()`, `close()`. Reader: `probe(hashes)` -> block ids of
-the longest verified prefix. Each runs in `kvbm_shm._hashing` (C) when it is built, else in the
+entry is removed only if it names that block), `clear()`, `close()`. Reader: `probe(hashes)` -> block
+ids of the longest verified prefix; `answer(hashes)` -> that prefix when it is a lookup's whole
+answer, else None (ask the coordinator). Each runs in `kvbm_shm._hashing` (C) when it is built, else in the
 Python below, which computes the same table and the same answers.
 """
 
@@ -54,6 +55,7 @@ EMPTY = 0xFFFFFFFF
 _SEQLOCK_TRIES = 1000
 _SEQLOCK_SPINS = 64  # then each try yields: a writer preempted mid-update gets to finish
 _PROBE_ATTEMPTS = 8
+_STALLED = -2  # a probe that could not read a slot or record consistently
 _ZERO_HASH = bytes(16)
 
 
@@ -81,8 +83,8 @@ class HashIndex:
         self.table = table
         self.registered = int(registered)
         fields = table.dtype.fields
-        self._record = (table.ctypes.data, len(table), table.dtype.itemsize, fields["generation"][1],
-                        fields["hash"][1], fields["state"][1], self.registered)
+        self._probe_args = (self.address, self.slots, table.ctypes.data, len(table), table.dtype.itemsize,
+                            fields["generation"][1], fields["hash"][1], fields["state"][1], self.registered)
         self._mask = self.slots - 1
 
     @staticmethod
@@ -193,16 +195,19 @@ class HashIndex:
         """Block ids of the longest prefix of `hashes` whose entries name blocks that are, now,
         Registered under those hashes (records read under the table's seqlock)."""
         if _c is not None:
-            table, num_blocks, record_bytes, gen_off, hash_off, state_off, registered = self._record
-            return _c.index_probe(self.address, self.slots, table, num_blocks, record_bytes, gen_off, hash_off,
-                                  state_off, registered, hashes)
-        out = []
-        for h in hashes:
-            b = self._probe_one(h)
-            if b is None or b >= len(self.table) or not self._record_names(b, h):
-                break
-            out.append(b)
-        return out
+            return _c.index_probe(*self._probe_args, hashes, False)
+        return self._probe(hashes)[0]
+
+    def answer(self, hashes: list[bytes]) -> list[int] | None:
+        """A lookup's answer from the index alone: `probe(hashes)`, or None when only the
+        coordinator can answer: the index is closed, a slot or record kept changing under the
+        probe (a writer preempted mid-update), or the prefix ended early and `lower_tiers` is set."""
+        if _c is not None:
+            return _c.index_probe(*self._probe_args, hashes, True)
+        if self.closed:
+            return None
+        ids, settled = self._probe(hashes)
+        return ids if len(ids) == len(hashes) or settled and not self.lower_tiers else None
 
     # ------------------------------------------------------------ the Python path
 
@@ -245,22 +250,39 @@ class HashIndex:
                 return h, b
         return None
 
+    def _probe(self, hashes: list[bytes]) -> tuple[list[int], bool]:
+        """The verified prefix, and whether where it ended is known (False: something kept changing)."""
+        out = []
+        for h in hashes:
+            b = self._probe_one(h)
+            if b is None or b == _STALLED or b >= len(self.table):
+                return out, b != _STALLED
+            named = self._record_names(b, h)
+            if not named:
+                return out, named is not None
+            out.append(b)
+        return out, True
+
     def _probe_one(self, h: bytes) -> int | None:
+        """The block the index names for `h`, None, or _STALLED."""
         for _ in range(_PROBE_ATTEMPTS):
             e0 = int(self.header["epoch"])
             i = self._home(h)
             for _ in range(self.slots):
                 entry = self._read(i)
-                if entry is None or entry[1] == EMPTY:
+                if entry is None:
+                    return _STALLED
+                if entry[1] == EMPTY:
                     break
                 if entry[0] == h:
                     return entry[1]
                 i = (i + 1) & self._mask
             if not e0 & 1 and int(self.header["epoch"]) == e0:
                 return None
-        return None
+        return _STALLED
 
-    def _record_names(self, b: int, h: bytes) -> bool:
+    def _record_names(self, b: int, h: bytes) -> bool | None:
+        """Whether record `b` is Registered under `h`; None if it kept changing."""
         t = self.table
         for n in range(_SEQLOCK_TRIES):
             a = int(t["generation"][b])
@@ -270,7 +292,7 @@ class HashIndex:
             state, recorded = int(t["state"][b]), bytes(t["hash"][b])
             if int(t["generation"][b]) == a:
                 return state == self.registered and recorded == h
-        return False
+        return None
 
 
 def _seqlock_wait(tries: int) -> None:

@@ -151,6 +151,29 @@ def test_c_and_python_write_the_same_table(monkeypatch):
         assert stored == model
 
 
+def test_answer_says_when_only_the_coordinator_can_answer(path):
+    index = make(8)
+    hs = [h_at(i, i) for i in range(3)]
+    for b, h in enumerate(hs[:2]):
+        register(index, b, h)
+    assert index.answer(hs[:2]) == [0, 1]  # the whole request: answered here
+    assert index.answer(hs) == [0, 1]  # ends early, and no tier below G2 could hold the rest
+    index.lower_tiers = True
+    assert index.answer(hs) is None and index.answer(hs[:2]) == [0, 1]
+    index.lower_tiers = False
+    index.table["generation"][1] += 1  # record 1 mid-update, and its writer never finishes
+    assert index.probe(hs) == [0]
+    assert index.answer(hs) is None  # not a miss: not known
+    index.table["generation"][1] += 1
+    odd = index._find(hs[0])
+    index.entries["seq"][odd] += 1  # a slot mid-update
+    assert index.probe(hs) == [] and index.answer(hs) is None
+    index.entries["seq"][odd] += 1
+    assert index.answer(hs) == [0, 1]
+    index.close()
+    assert index.answer(hs) is None and index.probe(hs) == []
+
+
 def test_clear_and_read_only(path):
     index = make(4)
     register(index, 0, h_at(0, 1))
