@@ -15,13 +15,15 @@
    moved probes again.
 
    index_insert(index, slots, hashes, ids) / index_remove(index, slots, hashes, ids) -> count
-   index_probe(index, slots, table, num_blocks, record_bytes, gen_off, hash_off, state_off,
+   index_probe(index, slots, table, ids, record_bytes, gen_off, hash_off, state_off,
                registered, hashes, answer) -> list of block ids: the longest prefix of `hashes`
        whose index entry names a block whose record, read under the block table's seqlock, is
        in state `registered` with the same hash. With `answer` true: None instead when that
        prefix is not the lookup's answer (the index is closed; a slot or record kept changing;
        the prefix ended early and the header's lower_tiers is set).
-   `index` and `table` are addresses of mappings the caller keeps alive. */
+   `index` and `table` are addresses of mappings the caller keeps alive; `ids` is a list with one
+   item per block of the table, None until index_probe first returns that block and the block's
+   int from then on (ids of a pool are few and returned again and again: no int is made twice). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <sched.h>
@@ -456,7 +458,7 @@ static int arg_size(PyObject *arg, Py_ssize_t *out)
     return *out == -1 && PyErr_Occurred() ? -1 : 0;
 }
 
-/* index_probe(index, slots, table, num_blocks, record_bytes, gen_off, hash_off, state_off,
+/* index_probe(index, slots, table, ids, record_bytes, gen_off, hash_off, state_off,
                registered, hashes, answer)
    Three passes over the request, so that the memory reads of each pass overlap: the home slots
    of every hash (prefetched), the index entries (up to the first miss; their records
@@ -471,8 +473,14 @@ static PyObject *index_probe(PyObject *self, PyObject *const *args, Py_ssize_t n
     }
     uintptr_t addr = (uintptr_t)PyLong_AsUnsignedLongLong(args[0]);
     uintptr_t table_addr = (uintptr_t)PyLong_AsUnsignedLongLong(args[2]);
-    Py_ssize_t slots, num_blocks, record_bytes, registered, gen_off, hash_off, state_off;
-    if (PyErr_Occurred() || arg_size(args[1], &slots) < 0 || arg_size(args[3], &num_blocks) < 0
+    Py_ssize_t slots, record_bytes, registered, gen_off, hash_off, state_off;
+    PyObject *ids = args[3];
+    if (!PyList_Check(ids)) {
+        PyErr_SetString(PyExc_TypeError, "ids must be a list with one item per block");
+        return NULL;
+    }
+    Py_ssize_t num_blocks = PyList_GET_SIZE(ids);
+    if (PyErr_Occurred() || arg_size(args[1], &slots) < 0
             || arg_size(args[4], &record_bytes) < 0 || arg_size(args[5], &gen_off) < 0
             || arg_size(args[6], &hash_off) < 0 || arg_size(args[7], &state_off) < 0
             || arg_size(args[8], &registered) < 0 || check_slots(slots) < 0)
@@ -481,7 +489,7 @@ static PyObject *index_probe(PyObject *self, PyObject *const *args, Py_ssize_t n
     if (answer < 0)
         return NULL;
     if (gen_off < 0 || gen_off + 8 > record_bytes || hash_off < 0 || hash_off + HASH_BYTES > record_bytes
-            || state_off < 0 || state_off >= record_bytes || num_blocks < 0) {
+            || state_off < 0 || state_off >= record_bytes) {
         PyErr_SetString(PyExc_ValueError, "record fields outside the record");
         return NULL;
     }
@@ -535,11 +543,17 @@ static PyObject *index_probe(PyObject *self, PyObject *const *args, Py_ssize_t n
     } else {
         out = PyList_New(hits);
         for (Py_ssize_t i = 0; out != NULL && i < hits; i++) {
-            PyObject *v = PyLong_FromLong(found[i]);
-            if (v == NULL)
-                Py_CLEAR(out);
-            else
-                PyList_SET_ITEM(out, i, v);
+            PyObject *v = PyList_GET_ITEM(ids, found[i]);
+            if (v == Py_None) {  /* first time this block is returned */
+                v = PyLong_FromLong(found[i]);
+                if (v == NULL) {
+                    Py_CLEAR(out);
+                    break;
+                }
+                PyList_SetItem(ids, found[i], v);  /* the list keeps this reference */
+            }
+            Py_INCREF(v);
+            PyList_SET_ITEM(out, i, v);
         }
     }
     if (found != stack)
@@ -552,7 +566,7 @@ static PyMethodDef methods[] = {
     {"index_insert", index_insert, METH_VARARGS, "index_insert(index, slots, hashes, ids) -> entries added"},
     {"index_remove", index_remove, METH_VARARGS, "index_remove(index, slots, hashes, ids) -> entries removed"},
     {"index_probe", (PyCFunction)(void (*)(void))index_probe, METH_FASTCALL,
-     "index_probe(index, slots, table, num_blocks, record_bytes, gen_off, hash_off, state_off, registered, hashes,"
+     "index_probe(index, slots, table, ids, record_bytes, gen_off, hash_off, state_off, registered, hashes,"
      " answer) -> block ids of the longest verified prefix (with answer: or None, ask the coordinator)"},
     {NULL, NULL, 0, NULL},
 };

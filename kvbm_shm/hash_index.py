@@ -83,7 +83,8 @@ class HashIndex:
         self.table = table
         self.registered = int(registered)
         fields = table.dtype.fields
-        self._probe_args = (self.address, self.slots, table.ctypes.data, len(table), table.dtype.itemsize,
+        ids: list[int | None] = [None] * len(table)  # the C probe's ints of the blocks it returned
+        self._probe_args = (self.address, self.slots, table.ctypes.data, ids, table.dtype.itemsize,
                             fields["generation"][1], fields["hash"][1], fields["state"][1], self.registered)
         self._mask = self.slots - 1
 
