@@ -53,6 +53,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
 import logging
@@ -361,9 +362,9 @@ class _Core:
             if not usage.lookups:
                 return None
             pool.usage = _Usage()
-        hits = list(dict.fromkeys(itertools.chain.from_iterable(usage.hits)))  # in order of first use
-        return p.Touch(req=0, lease=self.lease, pool_id=pool.pool_id, hashes=hits, lookups=usage.lookups,
-                       lookup_blocks=usage.lookup_blocks, hit_blocks=usage.hit_blocks)
+        uses = collections.Counter(itertools.chain.from_iterable(usage.hits))  # in order of first use
+        return p.Touch(req=0, lease=self.lease, pool_id=pool.pool_id, hashes=list(uses), uses=list(uses.values()),
+                       lookups=usage.lookups, lookup_blocks=usage.lookup_blocks, hit_blocks=usage.hit_blocks)
 
     def _simple_step(self, request: p._Request) -> _Step:
         reply = yield request

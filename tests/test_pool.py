@@ -162,9 +162,11 @@ def test_hash_index_mirrors_the_registry(make_pool):
     evicting = pool.allocate([h(5), h(6)], 1)  # takes the free block, then evicts the LRU (h1)
     assert h(1) not in indexed(pool) and indexed(pool) == dict(pool.registered())
     pool.free(evicting)
-    assert pool.used([h(3), h(9)], lookups=2, lookup_blocks=5, hit_blocks=3) == 1
+    hits = int(pool.hits_of([ids[2]])[0])
+    assert pool.used([h(3), h(9)], [2, 1], lookups=2, lookup_blocks=5, hit_blocks=3) == 1
     c = pool.counters()
     assert (c["lookups"], c["lookup_blocks"], c["hit_blocks"]) == (2, 5, 3)
+    assert int(pool.hits_of([ids[2]])[0]) == hits + 2  # each reported use is a hit of the block
     assert pool.eviction_order(1) != [ids[2]]  # reported use: h3 is no longer first in line
     index.insert([h(7)], [ids[2]])  # a stale entry a dead coordinator might leave
     fresh = BlockPool(0, pool.segment, "m", lambda e: None)

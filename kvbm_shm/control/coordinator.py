@@ -358,7 +358,7 @@ class Coordinator:
         self.leases.get(m.lease)
         pool = self._pool(m.pool_id)
         if m.lookups:
-            return p.OkReply(req=m.req, count=pool.used(m.hashes, m.lookups, m.lookup_blocks, m.hit_blocks))
+            return p.OkReply(req=m.req, count=pool.used(m.hashes, m.uses, m.lookups, m.lookup_blocks, m.hit_blocks))
         return p.OkReply(req=m.req, count=pool.touch(m.hashes, m.priority))
 
     def _invalidate(self, m: p.Invalidate) -> p.Reply:

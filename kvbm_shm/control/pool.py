@@ -14,7 +14,7 @@ has already checked ownership and ids); nobody else touches the table or the reg
 
 Lifecycle
 - `lookup(hashes)`: the longest prefix of `hashes` that is Registered -> block ids.
-  `used(hashes, lookups, lookup_blocks, hit_blocks)`: a client's batched report of lookups it
+  `used(hashes, uses, lookups, lookup_blocks, hit_blocks)`: a client's batched report of lookups it
   answered from the hash index; counted and kept in the eviction order as `lookup` keeps its own.
 - `pin(ids, client)` / `unpin(ids)`: reference counts; a pinned block is never evicted.
   `unpin_cold(ids, pinned_ns)`: `unpin` for blocks a background copy pinned at `pinned_ns`
@@ -79,7 +79,7 @@ class BlockPool:
         self._hash: list[bytes | None] = [None] * self.num_blocks
         self._queue = EvictionQueue(self.num_blocks)  # Registered blocks with no pin
         self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))
-        self._used: list[list[int]] = []  # lookup hits not yet written to the table (see flush)
+        self._used: list[tuple[list[int], int | list[int]]] = []  # hits not yet in the table (see flush): ids, uses
         self._counts = [0] * len(COUNTER_NAMES)  # lookup counter increments not yet in the header
 
     # ------------------------------------------------------------ recovery
@@ -123,32 +123,36 @@ class BlockPool:
         counts[_COUNTER["lookup_blocks"]] += len(hashes)
         if ids:
             counts[_COUNTER["hit_blocks"]] += len(ids)
-            self._used.append(ids)
+            self._used.append((ids, 1))
             self._queue.touch(ids)
         return ids
 
-    def used(self, hashes: list[bytes], lookups: int, lookup_blocks: int, hit_blocks: int) -> int:
+    def used(self, hashes: list[bytes], uses: list[int], lookups: int, lookup_blocks: int, hit_blocks: int) -> int:
         """A client's report of `lookups` it answered from the hash index: they asked for
-        `lookup_blocks` blocks and found `hit_blocks`, the blocks of `hashes` (in order of use).
-        Counted and kept as `lookup` keeps its own; returns how many of the hashes are still cached."""
-        ids = [b for b in map(self._registry.get, hashes) if b is not None]
+        `lookup_blocks` blocks and found `hit_blocks`, the blocks of `hashes` (in order of first
+        use), `uses[i]` times the block of `hashes[i]`. Counted and kept as `lookup` keeps its own;
+        returns how many of the hashes are still cached."""
+        found = [(b, n) for b, n in zip(map(self._registry.get, hashes), uses) if b is not None]
         counts = self._counts
         counts[_COUNTER["lookups"]] += lookups
         counts[_COUNTER["lookup_blocks"]] += lookup_blocks
         counts[_COUNTER["hit_blocks"]] += hit_blocks
-        if ids:
-            self._used.append(ids)
+        if found:
+            ids = [b for b, _ in found]
+            self._used.append((ids, [n for _, n in found]))
             self._queue.touch(ids)
-        return len(ids)
+        return len(found)
 
     def flush(self) -> None:
         """Write what lookups deferred into the shm table and header: last use, hits, counters.
         The server calls it when it has been idle for ~2 ms, and every 10 ms under load."""
         if self._used:
-            idx = np.concatenate([np.asarray(ids, np.int64) for ids in self._used])
+            idx = np.concatenate([np.asarray(ids, np.int64) for ids, _ in self._used])
+            uses = np.concatenate([np.broadcast_to(np.asarray(n, np.int64), len(ids)) for ids, n in self._used])
             self._used = []
-            used, hits = np.unique(idx, return_counts=True)  # np.add.at on a strided field is ~40x slower
-            self._write(used, last_use_ns=time.monotonic_ns(), hits=self._table["hits"][used] + hits)
+            used, where = np.unique(idx, return_inverse=True)  # np.add.at on a strided field is ~40x slower
+            hits = self._table["hits"][used] + np.bincount(where, weights=uses).astype(np.int64)
+            self._write(used, last_use_ns=time.monotonic_ns(), hits=np.minimum(hits, 2**32 - 1))
         if any(self._counts):
             self.segment.counters[:len(self._counts)] += np.asarray(self._counts, np.uint64)
             self._counts = [0] * len(COUNTER_NAMES)
