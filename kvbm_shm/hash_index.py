@@ -51,6 +51,7 @@ HEADER_DTYPE = np.dtype([("epoch", "<u8"), ("count", "<u8"), ("slots", "<u8"), (
                          ("closed", "<u4"), ("reserved", "V32")])
 SLOT_DTYPE = np.dtype([("seq", "<u8"), ("hash", "V16"), ("block", "<u4"), ("pad", "<u4")])
 assert HEADER_DTYPE.itemsize == 64 and SLOT_DTYPE.itemsize == 32
+assert _c is None or (_c.INDEX_HEADER_BYTES, _c.SLOT_BYTES) == (HEADER_DTYPE.itemsize, SLOT_DTYPE.itemsize)
 EMPTY = 0xFFFFFFFF
 _SEQLOCK_TRIES = 1000
 _SEQLOCK_SPINS = 64  # then each try yields: a writer preempted mid-update gets to finish
