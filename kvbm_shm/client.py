@@ -33,9 +33,9 @@ Contract:
   could hold the rest (and the pool was not closed by a clean stop, and no record it read kept
   changing). Otherwise (and always with `pin`) it asks the coordinator. The index vouches for
   nothing: a block is a hit only if its record, read under the seqlock, is Registered under the
-  asked hash. Lookups answered locally are reported in batches
-  (`Touch` with `lookups`, from the heartbeat thread every `USAGE_REPORT_S`, and before this
-  client's next store), so the coordinator's counters and eviction order still see them.
+  asked hash. Lookups answered locally are reported in batches (`Touch` with `lookups` and each
+  hit hash's `uses`, from the heartbeat thread every `USAGE_REPORT_S`, and before this client's
+  next store), so the coordinator's counters, hit counts and eviction order still see them.
 - `load` costs at most one round trip and holds no pins: it looks the prefix up, then copies it
   optimistically while summing the bytes (one pass). A block is loaded only if its record, read
   under the seqlock before the copy, is Registered under the requested hash, the record after the
@@ -78,7 +78,7 @@ from .shm import BlockState, PoolSegment
 log = logging.getLogger(__name__)
 
 USAGE_REPORT_S = 0.05  # local lookups reach the coordinator's eviction order within this
-_USAGE_MAX_HASHES = 1 << 14  # hits listed per report (the heartbeat thread dedupes them); more are only counted
+_USAGE_MAX_HASHES = 1 << 14  # hits listed per report (the heartbeat thread counts them); more are only counted
 
 
 @dataclasses.dataclass
@@ -351,7 +351,7 @@ class _Core:
             usage.lookups += 1
             usage.lookup_blocks += len(hashes)
             usage.hit_blocks += len(ids)
-            if ids and usage.listed < _USAGE_MAX_HASHES:  # deduplicated by the report, off the lookup's path
+            if ids and usage.listed < _USAGE_MAX_HASHES:  # counted by the report, off the lookup's path
                 usage.hits.append(hashes[:len(ids)])
                 usage.listed += len(ids)
 
