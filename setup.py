@@ -4,7 +4,7 @@ Both are optional: if one cannot be compiled, the package still installs and use
 path with the same results.
 - `kvbm_shm.kernels._batch_copy`: the copy engine; without it `kernels.cpu_copy` copies through a
   Python loop of memmoves (about half the bandwidth).
-- `kvbm_shm._hashing`: chained block hashes (`hashing`),
+- `kvbm_shm._hashing`: chained block hashes and the shared hash index (`hashing`, `hash_index`),
   with the vendored single-header xxHash (`kvbm_shm/_vendor/xxhash`, BSD 2-Clause) inlined.
 """
 

@@ -28,7 +28,15 @@ Contract:
   them); block data read-write.
 - `store` writes only blocks that are not cached yet, checksums each written block, and
   commits; if the copy fails, the blocks are freed, never registered.
-- `load` costs one round trip and holds no pins: it looks the prefix up, then copies it
+- A lookup without pins costs no round trip when the pool's hash index (`hash_index`, in the
+  segment) answers it (`HashIndex.answer`): its whole request was found, or no tier below G2
+  could hold the rest (and the pool was not closed by a clean stop, and no record it read kept
+  changing). Otherwise (and always with `pin`) it asks the coordinator. The index vouches for
+  nothing: a block is a hit only if its record, read under the seqlock, is Registered under the
+  asked hash. Lookups answered locally are reported in batches (`Touch` with `lookups` and each
+  hit hash's `uses`, from the heartbeat thread every `USAGE_REPORT_S`, and before this client's
+  next store), so the coordinator's counters, hit counts and eviction order still see them.
+- `load` costs at most one round trip and holds no pins: it looks the prefix up, then copies it
   optimistically while summing the bytes (one pass). A block is loaded only if its record, read
   under the seqlock before the copy, is Registered under the requested hash, the record after the
   copy is the same incarnation (its `alloc_seq`, state, hash and checksum unchanged), and its bytes
@@ -45,10 +53,13 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import itertools
 import logging
 import os
 import threading
+import time
 from typing import Callable, Generator, Sequence
 
 import numpy as np
@@ -66,6 +77,9 @@ from .shm import BlockState, PoolSegment
 
 log = logging.getLogger(__name__)
 
+USAGE_REPORT_S = 0.05  # local lookups reach the coordinator's eviction order within this
+_USAGE_MAX_HASHES = 1 << 14  # hits listed per report (the heartbeat thread counts them); more are only counted
+
 
 @dataclasses.dataclass
 class Pool:
@@ -76,6 +90,7 @@ class Pool:
     pool_id: int = -1
     segment: PoolSegment | None = None
     epoch: int = 0  # bumped when the pool was registered again after a coordinator restart
+    usage: "_Usage" = dataclasses.field(default_factory=lambda: _Usage())  # local lookups not yet reported
 
     @property
     def num_blocks(self) -> int:
@@ -150,6 +165,17 @@ def _in_pool(block_ids: list[int], num_blocks: int) -> bool:
 
 
 @dataclasses.dataclass
+class _Usage:
+    """Lookups of one pool answered from its hash index since the last report."""
+
+    hits: list[Sequence[bytes]] = dataclasses.field(default_factory=list)  # each lookup's hit prefix, in order
+    listed: int = 0  # hashes in `hits`
+    lookups: int = 0
+    lookup_blocks: int = 0
+    hit_blocks: int = 0
+
+
+@dataclasses.dataclass
 class EngineKv:
     """An engine's KV tensors bound to a pool. Keeps the tensors alive while bound."""
 
@@ -196,6 +222,7 @@ class _Core:
         self.instance_id = ""
         self.events_endpoint = ""
         self._pools: dict[str, Pool] = {}
+        self._usage_lock = threading.Lock()
         self._heartbeat: _Heartbeat | None = None
 
     @property
@@ -246,7 +273,13 @@ class _Core:
         return pool
 
     def _lookup_step(self, pool: Pool, hashes: Sequence[bytes], pin: bool) -> _Step:
-        """The checked LookupReply; a pinned lookup that times out or gets a bad reply is cancelled."""
+        """The checked LookupReply; a pinned lookup that times out or gets a bad reply is cancelled.
+        Without pins, the pool's hash index answers when it can (see the module docstring)."""
+        if not pin:
+            ids = pool.segment.index.answer(hashes)
+            if ids is not None:
+                self._note_usage(pool, hashes, ids)
+                return p.LookupReply(req=0, block_ids=ids, tiers=[p.Tier.CPU] * len(ids))
         lookup = p.Lookup(req=0, lease=self.lease, pool_id=pool.pool_id, hashes=list(hashes), pin=pin)
         try:
             reply = yield lookup
@@ -261,6 +294,9 @@ class _Core:
         if len(hashes) != len(device_block_ids):
             raise ValueError(f"{len(hashes)} hashes but {len(device_block_ids)} device blocks")
         pool = kv.pool
+        report = self._usage_report(pool)
+        if report is not None:  # sent first on this socket: the coordinator sees the use before the store
+            yield _Notice(report)
         allocate = p.Allocate(req=0, lease=self.lease, pool_id=pool.pool_id, hashes=list(hashes))
         try:
             reply = yield allocate
@@ -285,7 +321,7 @@ class _Core:
         return StoreResult(len(g2), counts[p.ALREADY_STORED], counts[p.IN_FLIGHT], counts[p.NO_ROOM])
 
     def _load_step(self, kv: EngineKv, hashes: Sequence[bytes], device_block_ids: Sequence[int]) -> _Step:
-        """One round trip: an unpinned lookup, then an optimistic copy (see `_scatter`). Eviction
+        """At most one round trip: an unpinned lookup, then an optimistic copy (see `_scatter`). Eviction
         never waits for a reader; a block evicted or rewritten under the copy is a miss."""
         if len(hashes) != len(device_block_ids):
             raise ValueError(f"{len(hashes)} hashes but {len(device_block_ids)} device blocks")
@@ -309,6 +345,27 @@ class _Core:
     def _hits_step(self, pool: Pool, hashes: Sequence[bytes], pin: bool) -> _Step:
         reply = yield from self._lookup_step(pool, hashes, pin)
         return reply.block_ids
+
+    def _note_usage(self, pool: Pool, hashes: Sequence[bytes], ids: list[int]) -> None:
+        with self._usage_lock:
+            usage = pool.usage
+            usage.lookups += 1
+            usage.lookup_blocks += len(hashes)
+            usage.hit_blocks += len(ids)
+            if ids and usage.listed < _USAGE_MAX_HASHES:  # counted by the report, off the lookup's path
+                usage.hits.append(hashes[:len(ids)])
+                usage.listed += len(ids)
+
+    def _usage_report(self, pool: Pool) -> p.Touch | None:
+        """The Touch that reports `pool`'s local lookups since the last report, or None."""
+        with self._usage_lock:
+            usage = pool.usage
+            if not usage.lookups:
+                return None
+            pool.usage = _Usage()
+        uses = collections.Counter(itertools.chain.from_iterable(usage.hits))  # in order of first use
+        return p.Touch(req=0, lease=self.lease, pool_id=pool.pool_id, hashes=list(uses), uses=list(uses.values()),
+                       lookups=usage.lookups, lookup_blocks=usage.lookup_blocks, hit_blocks=usage.hit_blocks)
 
     def _simple_step(self, request: p._Request) -> _Step:
         reply = yield request
@@ -578,7 +635,8 @@ class AsyncClient(_Core):
 
 
 class _Heartbeat(threading.Thread):
-    """Keeps a client's lease alive from its own socket, every third of the lease."""
+    """Keeps a client's lease alive from its own socket, every third of the lease, and reports
+    the pools' local lookups every `USAGE_REPORT_S`."""
 
     def __init__(self, core: _Core):
         super().__init__(name="kvbm-heartbeat", daemon=True)
@@ -592,10 +650,18 @@ class _Heartbeat(threading.Thread):
         ctx = zmq.Context()
         sock = self._core._new_socket(ctx)
         replies = Replies(sock, self._core.peer)
+        next_beat = time.monotonic() + self._interval_s
         try:
-            while not self._stop_event.wait(self._interval_s):
-                replies.drain()  # the replies to earlier heartbeats
-                replies.notify(p.Heartbeat(req=0, lease=self.lease))  # coordinator down: the next operation finds out
+            while not self._stop_event.wait(min(self._interval_s, USAGE_REPORT_S)):
+                replies.drain()  # the replies to earlier notices
+                todo: list[p._Request] = [r for r in map(self._core._usage_report, list(self._core._pools.values()))
+                                          if r is not None]
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self._interval_s
+                    todo.append(p.Heartbeat(req=0, lease=self.lease))
+                for request in todo:
+                    if not replies.notify(request):  # coordinator down: the next operation finds out
+                        break
         finally:
             sock.close(0)
             ctx.term()

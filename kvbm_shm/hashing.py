@@ -11,8 +11,8 @@ The result is stable across processes, hosts and releases: `tests/test_hashing.p
 fixed vectors.
 
 The chain is computed by one call into `kvbm_shm._hashing` (C, xxHash inlined) when it is built:
-a list or tuple of ints (what vLLM and SGLang hold) is converted there, block by block, and a numpy
-array is passed as its little-endian uint32 bytes. Without the extension, a Python loop over
+a list or tuple of ints (what vLLM and SGLang hold) is converted there (every id checked, the
+tail too) before the chain is hashed, and a numpy array is passed as its little-endian uint32 bytes. Without the extension, a Python loop over
 `xxhash` gives the same hashes.
 """
 

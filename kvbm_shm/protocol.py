@@ -132,12 +132,25 @@ class Free(_Request, tag="free"):
 
 
 class Touch(_Request, tag="touch"):
-    """Mark cached hashes as used now (LRU), optionally setting their eviction priority."""
+    """Mark cached hashes as used now (LRU), optionally setting their eviction priority. With
+    `lookups` > 0 it is a client's batched report of lookups it answered from the pool's hash
+    index (no round trip): `hashes` are the blocks they hit (each once, in order of first use),
+    `uses` how many of those lookups hit each, `lookup_blocks` and `hit_blocks` the blocks they
+    asked for and found; the coordinator counts them as its own lookups and marks the hashes used
+    now (priority is not changed)."""
 
     lease: LeaseToken
     pool_id: int
     hashes: list[SequenceHash]
     priority: Priority | None = None
+    lookups: Annotated[int, msgspec.Meta(ge=0, lt=2**32)] = 0
+    lookup_blocks: Annotated[int, msgspec.Meta(ge=0, lt=2**48)] = 0
+    hit_blocks: Annotated[int, msgspec.Meta(ge=0, lt=2**48)] = 0
+    uses: list[Annotated[int, msgspec.Meta(ge=1, lt=2**32)]] = []
+
+    def __post_init__(self):
+        if self.lookups and len(self.uses) != len(self.hashes):
+            raise ValueError(f"a usage report names {len(self.hashes)} hashes but {len(self.uses)} use counts")
 
 
 class Invalidate(_Request, tag="invalidate"):

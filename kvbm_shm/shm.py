@@ -14,7 +14,7 @@ Primitives:
   `MAX_NAMESPACE_BYTES` are defined here for every format that aligns to pages (G2 and G3).
 - `PoolSegment`: one G2 pool. Layout of the segment:
 
-      [header: 4 KiB][block table: num_blocks x 64-byte records][pad to 4 KiB][block data]
+      [header: 4 KiB][block table: num_blocks x 64-byte records][hash index][pad to 4 KiB][block data]
 
   The header holds magic, format version, geometry, pool id, the coordinator's pid and
   instance, the namespace (msgpack) and shared counters. A block record holds state, sequence
@@ -26,6 +26,8 @@ Primitives:
   coordinator. Clients attach with `table_writable=False` (`SplitSegment`): header and table
   (everything before the page-aligned `data_offset`) are mapped read-only, the block data
   read-write, so a client can write block bytes but never a record or a checksum.
+  The hash index (`hash_index`, `index_slots` slots at `index_offset`) maps the hashes of
+  Registered blocks to their ids; clients probe it for lookups without asking the coordinator.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import numpy as np
 
 from . import ownership
 from .errors import CapacityError, CorruptionError, ErrorCode, ForeignError
+from .hash_index import SLOT_DTYPE, HashIndex, region_bytes, slots_for
 from .names import SEGMENT_PREFIX, pool_name
 
 log = logging.getLogger(__name__)
@@ -50,7 +53,7 @@ log = logging.getLogger(__name__)
 SHM_DIR = Path("/dev/shm")
 PAGE = 4096  # alignment of every block, segment part and G3 slot (O_DIRECT, huge pages aside)
 POOL_MAGIC = b"KVBMPOOL"
-POOL_FORMAT_VERSION = 2
+POOL_FORMAT_VERSION = 3
 HEADER_BYTES = 4096
 MAX_NAMESPACE_BYTES = 2048  # a namespace's msgpack description, in a pool header and a G3 file header
 
@@ -93,6 +96,8 @@ HEADER_DTYPE = np.dtype([
     ("block_stride", "<u8"),
     ("table_offset", "<u8"),
     ("data_offset", "<u8"),
+    ("index_offset", "<u8"),
+    ("index_slots", "<u8"),
     ("coordinator_pid", "<u4"),
     ("namespace_len", "<u4"),
     ("created_ns", "<u8"),
@@ -331,30 +336,41 @@ class PoolSegment:
         self.block_stride = int(h["block_stride"])
         self.data_offset = int(h["data_offset"])
         table_offset = int(h["table_offset"])
+        index_offset, index_slots = int(h["index_offset"]), int(h["index_slots"])
         if (int(h["record_bytes"]) != RECORD_DTYPE.itemsize or self.block_stride < self.block_bytes
                 or table_offset < HEADER_BYTES
-                or table_offset + self.num_blocks * RECORD_DTYPE.itemsize > self.data_offset
+                or table_offset + self.num_blocks * RECORD_DTYPE.itemsize > index_offset
+                or index_slots != slots_for(self.num_blocks)
+                or index_offset + region_bytes(index_slots) > self.data_offset
                 or self.data_offset + self.num_blocks * self.block_stride > seg.size
                 or isinstance(seg, SplitSegment) and seg.split != self.data_offset):
             raise CorruptionError(f"segment {seg.name} has an inconsistent header")
         self.table = seg.view(RECORD_DTYPE, table_offset, self.num_blocks)
+        self.index = HashIndex(seg.view(np.uint8, index_offset, region_bytes(index_slots)), self.table,
+                               BlockState.REGISTERED)
         self.data = seg.view(np.uint8, self.data_offset, self.num_blocks * self.block_stride)
         self.data_address = self.data.ctypes.data
         self.counters = h["counters"]
 
     @staticmethod
+    def _offsets(num_blocks: int) -> tuple[int, int]:
+        """(index_offset, data_offset) of a pool of `num_blocks`; the table is at HEADER_BYTES."""
+        index_offset = round_up(HEADER_BYTES + num_blocks * RECORD_DTYPE.itemsize, 64)
+        return index_offset, round_up(index_offset + region_bytes(slots_for(num_blocks)), PAGE)
+
+    @staticmethod
     def size_for(num_blocks: int, block_bytes: int) -> int:
-        stride = round_up(block_bytes)
-        return round_up(HEADER_BYTES + num_blocks * RECORD_DTYPE.itemsize) + num_blocks * stride
+        return PoolSegment._offsets(num_blocks)[1] + num_blocks * round_up(block_bytes)
 
     @staticmethod
     def blocks_for(budget_bytes: int, block_bytes: int) -> int:
         """How many blocks a segment of at most `budget_bytes` holds."""
-        per_block = round_up(block_bytes) + RECORD_DTYPE.itemsize
-        n = max(0, (budget_bytes - HEADER_BYTES) // per_block)
-        while n and PoolSegment.size_for(n, block_bytes) > budget_bytes:
-            n -= 1
-        return n
+        per_block = round_up(block_bytes) + RECORD_DTYPE.itemsize + 2 * SLOT_DTYPE.itemsize  # at least
+        lo, hi = 0, max(0, (budget_bytes - HEADER_BYTES) // per_block)
+        while lo < hi:  # the most blocks that fit (the index grows by powers of two)
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if PoolSegment.size_for(mid, block_bytes) <= budget_bytes else (lo, mid - 1)
+        return lo
 
     @classmethod
     def create(cls, name: str, *, pool_id: int, num_blocks: int, block_bytes: int, instance: str,
@@ -363,7 +379,7 @@ class PoolSegment:
             raise ValueError(f"namespace description is {len(namespace)} bytes, at most {MAX_NAMESPACE_BYTES}")
         stride = round_up(block_bytes)
         table_offset = HEADER_BYTES
-        data_offset = round_up(table_offset + num_blocks * RECORD_DTYPE.itemsize)
+        index_offset, data_offset = cls._offsets(num_blocks)
         seg = Segment.create(name, data_offset + num_blocks * stride)
         try:
             h = seg.view(HEADER_DTYPE, 0, 1)[0]
@@ -376,6 +392,10 @@ class PoolSegment:
             h["block_stride"] = stride
             h["table_offset"] = table_offset
             h["data_offset"] = data_offset
+            h["index_offset"] = index_offset
+            h["index_slots"] = slots_for(num_blocks)
+            HashIndex.format(seg.view(np.uint8, index_offset, region_bytes(slots_for(num_blocks))),
+                             slots_for(num_blocks))
             h["coordinator_pid"] = os.getpid()
             h["created_ns"] = time.time_ns()
             h["instance"] = instance.encode()
@@ -446,6 +466,6 @@ class PoolSegment:
         raise CorruptionError(f"records of {self.name} kept changing during {retries} reads")
 
     def close(self) -> None:
-        for attr in ("header", "table", "data", "counters"):
+        for attr in ("header", "table", "index", "data", "counters"):
             self.__dict__.pop(attr, None)
         self.segment.close()

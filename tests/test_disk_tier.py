@@ -44,6 +44,7 @@ class Engine:
         cache_bytes = PoolSegment.size_for(pool_blocks, self.namespace.kv.block_bytes) + 4096  # blocks_for's slack
         self.pool = self.client.register_layout(self.namespace, cache_bytes)
         assert self.pool.num_blocks == pool_blocks
+        assert self.pool.segment.index.lower_tiers  # G3 is on: a lookup G2 answers in part asks the coordinator
         self.bound = self.pool.bind(self.kv)
 
     def store(self, first: int, count: int):

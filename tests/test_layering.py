@@ -28,7 +28,8 @@ import kvbm_shm
 
 ROOT = Path(kvbm_shm.__file__).parent
 PKG = "kvbm_shm"
-CORE = {"config", "errors", "hashing", "layout", "protocol", "shm", "ownership", "runtime", "eviction", "names", "_hashing"}
+CORE = {"config", "errors", "hashing", "layout", "protocol", "shm", "ownership", "runtime", "eviction", "names", "_hashing",
+        "hash_index"}
 DEVICE_FOR_CONTROL = {"kvbm_shm.device", "kvbm_shm.device.view", "kvbm_shm.device.standin"}
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from kvbm_shm import protocol as p
 from kvbm_shm.control.pool import BlockPool
+from kvbm_shm.hash_index import EMPTY
 from kvbm_shm.shm import BlockState, PoolSegment, unlink
 
 
@@ -140,3 +141,43 @@ def test_eviction_order_and_unpin_cold_for_background_copies(make_pool):
     assert int(pool.segment.table["tier"][ids[0]]) == p.Tier.DISK and pool.hash_of(ids[0]) == h(1)
     assert pool.allocate([h(9)], 1) == [ids[0]]
     assert pool.num_free == 0
+
+
+def indexed(pool) -> dict[bytes, int]:
+    """The pool segment's hash index, as clients see it: hash -> block of every entry."""
+    e = pool.segment.index.entries
+    return {bytes(x["hash"]): int(x["block"]) for x in e if x["block"] != EMPTY}
+
+
+def test_hash_index_mirrors_the_registry(make_pool):
+    pool, _ = make_pool(num_blocks=4)
+    index = pool.segment.index
+    ids = store(pool, [h(1), h(2), h(3)])
+    assert indexed(pool) == dict(pool.registered()) == {h(1): ids[0], h(2): ids[1], h(3): ids[2]}
+    assert index.probe([h(1), h(2), h(3), h(4)]) == ids
+    store(pool, [h(1), h(4)])  # h1 deduplicated: its entry stays
+    assert indexed(pool) == dict(pool.registered()) and len(index) == 4
+    pool.invalidate([ids[1]])
+    assert indexed(pool) == dict(pool.registered()) and index.probe([h(1), h(2)]) == [ids[0]]
+    evicting = pool.allocate([h(5), h(6)], 1)  # takes the free block, then evicts the LRU (h1)
+    assert h(1) not in indexed(pool) and indexed(pool) == dict(pool.registered())
+    pool.free(evicting)
+    hits = int(pool.hits_of([ids[2]])[0])
+    assert pool.used([h(3), h(9)], [2, 1], lookups=2, lookup_blocks=5, hit_blocks=3) == 1
+    c = pool.counters()
+    assert (c["lookups"], c["lookup_blocks"], c["hit_blocks"]) == (2, 5, 3)
+    assert int(pool.hits_of([ids[2]])[0]) == hits + 2  # each reported use is a hit of the block
+    assert pool.eviction_order(1) != [ids[2]]  # reported use: h3 is no longer first in line
+    index.insert([h(7)], [ids[2]])  # a stale entry a dead coordinator might leave
+    fresh = BlockPool(0, pool.segment, "m", lambda e: None)
+    assert fresh.recover() == 2
+    assert indexed(fresh) == dict(fresh.registered()) == {h(3): ids[2], h(4): pool.block_of(h(4))}
+    assert not index.lower_tiers and not index.closed
+    fresh.lower_tiers = True
+    assert index.lower_tiers
+    fresh.close()
+    seg = PoolSegment.attach(pool.segment.name)
+    try:
+        assert seg.index.closed and len(seg.index) == 0
+    finally:
+        seg.close()

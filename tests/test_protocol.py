@@ -27,12 +27,21 @@ NOT_SCANNED = ()
     (["hello", 4, "x" * 300, 1], ErrorCode.BAD_REQUEST, 4),  # a known op past a bound
     ({"op": "stats"}, ErrorCode.BAD_REQUEST, 0),  # not an array: no op to speak of
     ("stats", ErrorCode.BAD_REQUEST, 0),
+    # a usage report of local lookups whose use counts do not match its hashes
+    (["touch", 6, bytes(p.LEASE_TOKEN_BYTES), 0, [bytes(16)], None, 1, 1, 1, []], ErrorCode.BAD_REQUEST, 6),
+    (["touch", 5, bytes(p.LEASE_TOKEN_BYTES), 0, [bytes(16)], None, 1, 1, 1, [0]], ErrorCode.BAD_REQUEST, 5),
 ])
 def test_undecodable_requests_are_classified_by_their_op(body, code, req):
     frames = [p.VERSION_FRAME, msgspec.msgpack.encode(body)]
     with pytest.raises(ProtocolError) as e:
         p.decode_request(frames)
     assert (e.value.code, p.request_id(frames[1])) == (code, req)
+
+
+def test_a_usage_report_decodes_with_one_use_count_per_hash():
+    body = ["touch", 6, bytes(p.LEASE_TOKEN_BYTES), 0, [bytes(16), b"\1" * 16], None, 3, 12, 4, [3, 1]]
+    touch = p.decode_request([p.VERSION_FRAME, msgspec.msgpack.encode(body)])
+    assert (touch.hashes, touch.uses, touch.lookups, touch.hit_blocks) == ([bytes(16), b"\1" * 16], [3, 1], 3, 4)
 
 
 def test_not_msgpack_and_other_versions():

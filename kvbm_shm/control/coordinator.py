@@ -132,6 +132,7 @@ class Coordinator:
         self._handlers.update(tier.handlers())
         for pool_id, pool in self.pools.items():
             tier.attach(pool, self._namespaces[pool_id])
+            pool.lower_tiers = any(t.below_g2 for t in self.tiers)
         return tier
 
     def open_cluster_tier(self, endpoint: PeerEndpoint) -> ClusterTier:
@@ -232,7 +233,7 @@ class Coordinator:
                 unlink(seg.name)
         for pool in self.pools.values():
             name = pool.segment.name
-            pool.segment.close()
+            pool.close()
             unlink(name)
             self._emit(p.PoolCleared(pool_id=pool.pool_id, fingerprint=pool.fingerprint))
         self.pools.clear()
@@ -365,6 +366,8 @@ class Coordinator:
     def _touch(self, m: p.Touch) -> p.Reply:
         self.leases.get(m.lease)
         pool = self._pool(m.pool_id)
+        if m.lookups:
+            return p.OkReply(req=m.req, count=pool.used(m.hashes, m.uses, m.lookups, m.lookup_blocks, m.hit_blocks))
         return p.OkReply(req=m.req, count=pool.touch(m.hashes, m.priority))
 
     def _invalidate(self, m: p.Invalidate) -> p.Reply:
@@ -542,6 +545,7 @@ class Coordinator:
         self._reserved_bytes += seg.segment.size
         self._by_fingerprint[ns.fingerprint] = pool_id
         self._namespaces[pool_id] = ns
+        pool.lower_tiers = any(t.below_g2 for t in self.tiers)  # read by clients (hash_index)
         for tier in self.tiers:
             tier.attach(pool, ns)
         return pool

@@ -4,14 +4,18 @@ The shm block table (`shm.PoolSegment.table`) is the state of record: state, has
 checksum, priority, last use. This class adds the indexes that make every operation O(1) per
 block: a free list, the registry (hash -> Registered block), `pending` (hash -> Partial block)
 and the eviction queue (`kvbm_shm.eviction`: Registered blocks with no pin, lowest priority
-class first, then least recent use). The registry gains a hash only in `_register` and loses
-one only in `_unregister`.
+class first, then least recent use). The registry gains hashes only in `_register` and loses
+one only in `_unregister`, and both mirror the change into the segment's hash index
+(`hash_index`), which clients probe to answer lookups without a round trip: an entry is added with
+its registration and removed before its block can change.
 
 Its face, the only way in for the coordinator and the tiers (each call takes a batch; the caller
 has already checked ownership and ids); nobody else touches the table or the registry:
 
 Lifecycle
 - `lookup(hashes)`: the longest prefix of `hashes` that is Registered -> block ids.
+  `used(hashes, uses, lookups, lookup_blocks, hit_blocks)`: a client's batched report of lookups it
+  answered from the hash index; counted and kept in the eviction order as `lookup` keeps its own.
 - `pin(ids, client)` / `unpin(ids)`: reference counts; a pinned block is never evicted.
   `unpin_cold(ids, pinned_ns)`: `unpin` for blocks a background copy pinned at `pinned_ns`
   (monotonic): a block nobody used since goes to the eviction end, not the recent end.
@@ -35,6 +39,10 @@ Reads
   generation: it changes whenever the record does).
 - `eviction_order(n)` (the next blocks `allocate` would evict), `num_free`, `stats()`,
   `counters()`; `segment` (names and bytes of the shm segment, for jobs that copy).
+
+The coordinator sets `lower_tiers` (whether a tier below G2 could hold what G2 lacks: clients
+then ask about a request their hash index answers only in part) and calls `close()` when it stops
+cleanly (the index is closed first, so clients that still map it ask the coordinator instead).
 
 Every registration and removal is reported to `on_event` as a protocol event. Lookups keep the
 request path short: their per-block bookkeeping in shm (last use, hit counts) and their counters
@@ -64,13 +72,14 @@ class BlockPool:
         self.fingerprint = segment.fingerprint
         self.num_blocks = segment.num_blocks
         self._table = segment.table
+        self._index = segment.index
         self._on_event = on_event
         self._registry: dict[bytes, int] = {}
         self._pending: dict[bytes, int] = {}
         self._hash: list[bytes | None] = [None] * self.num_blocks
         self._queue = EvictionQueue(self.num_blocks)  # Registered blocks with no pin
         self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))
-        self._used: list[list[int]] = []  # lookup hits not yet written to the table (see flush)
+        self._used: list[tuple[list[int], int | list[int]]] = []  # hits not yet in the table (see flush): ids, uses
         self._counts = [0] * len(COUNTER_NAMES)  # lookup counter increments not yet in the header
 
     # ------------------------------------------------------------ recovery
@@ -85,19 +94,22 @@ class BlockPool:
         t = self._table
         registered = np.flatnonzero(t["state"] == BlockState.REGISTERED)
         others = np.flatnonzero(t["state"] != BlockState.REGISTERED)
+        self._index.clear()  # rebuilt below from the table, the state of record
         self._write(others, state=BlockState.RESET, refcount=0, owner=0)
         self._write(registered, refcount=0, owner=0)
         order = registered[np.argsort(t["last_use_ns"][registered], kind="stable")]
         self._free = sorted(others.tolist(), reverse=True)
+        kept: dict[bytes, int] = {}
         for b in order.tolist():
             h = bytes(t["hash"][b])
-            if h in self._registry:  # duplicate after a crash mid-commit: keep one
+            if h in kept:  # duplicate after a crash mid-commit: keep one
                 self._write([b], state=BlockState.RESET)
                 self._free.append(b)
                 continue
-            self._register(h, b)
+            kept[h] = b
             self._hash[b] = h
             self._queue.push(b, int(t["priority"][b]))
+        self._register(list(kept), list(kept.values()))
         return len(self._registry)
 
     # ------------------------------------------------------------ reads
@@ -111,18 +123,36 @@ class BlockPool:
         counts[_COUNTER["lookup_blocks"]] += len(hashes)
         if ids:
             counts[_COUNTER["hit_blocks"]] += len(ids)
-            self._used.append(ids)
+            self._used.append((ids, 1))
             self._queue.touch(ids)
         return ids
+
+    def used(self, hashes: list[bytes], uses: list[int], lookups: int, lookup_blocks: int, hit_blocks: int) -> int:
+        """A client's report of `lookups` it answered from the hash index: they asked for
+        `lookup_blocks` blocks and found `hit_blocks`, the blocks of `hashes` (in order of first
+        use), `uses[i]` times the block of `hashes[i]`. Counted and kept as `lookup` keeps its own;
+        returns how many of the hashes are still cached."""
+        found = [(b, n) for b, n in zip(map(self._registry.get, hashes), uses) if b is not None]
+        counts = self._counts
+        counts[_COUNTER["lookups"]] += lookups
+        counts[_COUNTER["lookup_blocks"]] += lookup_blocks
+        counts[_COUNTER["hit_blocks"]] += hit_blocks
+        if found:
+            ids = [b for b, _ in found]
+            self._used.append((ids, [n for _, n in found]))
+            self._queue.touch(ids)
+        return len(found)
 
     def flush(self) -> None:
         """Write what lookups deferred into the shm table and header: last use, hits, counters.
         The server calls it when it has been idle for ~2 ms, and every 10 ms under load."""
         if self._used:
-            idx = np.concatenate([np.asarray(ids, np.int64) for ids in self._used])
+            idx = np.concatenate([np.asarray(ids, np.int64) for ids, _ in self._used])
+            uses = np.concatenate([np.broadcast_to(np.asarray(n, np.int64), len(ids)) for ids, n in self._used])
             self._used = []
-            used, hits = np.unique(idx, return_counts=True)  # np.add.at on a strided field is ~40x slower
-            self._write(used, last_use_ns=time.monotonic_ns(), hits=self._table["hits"][used] + hits)
+            used, where = np.unique(idx, return_inverse=True)  # np.add.at on a strided field is ~40x slower
+            hits = self._table["hits"][used] + np.bincount(where, weights=uses).astype(np.int64)
+            self._write(used, last_use_ns=time.monotonic_ns(), hits=np.minimum(hits, 2**32 - 1))
         if any(self._counts):
             self.segment.counters[:len(self._counts)] += np.asarray(self._counts, np.uint64)
             self._counts = [0] * len(COUNTER_NAMES)
@@ -176,6 +206,20 @@ class BlockPool:
         """Counter values including increments not flushed yet; reads only (safe from a scrape thread)."""
         shared = self.segment.counters.tolist()
         return {name: int(shared[i]) + pending for i, (name, pending) in enumerate(zip(COUNTER_NAMES, self._counts))}
+
+    @property
+    def lower_tiers(self) -> bool:
+        return self._index.lower_tiers
+
+    @lower_tiers.setter
+    def lower_tiers(self, value: bool) -> None:
+        self._index.lower_tiers = value
+
+    def close(self) -> None:
+        """The pool goes away (clean stop): its hash index is closed, then the segment unmapped."""
+        self._index.close()
+        del self._index, self._table
+        self.segment.close()
 
     # ------------------------------------------------------------ pins
 
@@ -257,15 +301,15 @@ class BlockPool:
             if h in self._registry:
                 dup.append(b)
                 continue
-            self._register(h, b)
             stored_ids.append(b)
-            stored_hashes.append(h)
+            stored_hashes.append(h)  # distinct: pending blocks have distinct hashes
         if stored_ids:
             keep = {b: c for b, c in zip(ids, checksums)}
             idx = np.asarray(stored_ids)
             self._write(idx, state=BlockState.REGISTERED, refcount=0, priority=priority,
                         checksum=np.asarray([keep[b] for b in stored_ids], np.uint64),
                         last_use_ns=time.monotonic_ns(), tier=Tier.CPU)
+            self._register(stored_hashes, stored_ids)
             for b in stored_ids:
                 self._queue.push(b, priority)
             self._count("stored_blocks", len(stored_ids))
@@ -333,13 +377,16 @@ class BlockPool:
 
     # ------------------------------------------------------------ internals
 
-    def _register(self, h: bytes, b: int) -> None:
-        """The one place the registry gains a hash."""
-        self._registry[h] = b
+    def _register(self, hashes: list[bytes], ids: list[int]) -> None:
+        """The one place the registry gains hashes (their records already say Registered); the
+        hash index gains them too, so clients' probes find them from now on."""
+        self._registry.update(zip(hashes, ids))
+        self._index.insert(hashes, ids)
 
     def _unregister(self, h: bytes) -> None:
-        """The one place the registry loses a hash."""
-        del self._registry[h]
+        """The one place the registry loses a hash; it leaves the hash index too, before its block
+        can change."""
+        self._index.remove([h], [self._registry.pop(h)])
 
     def _take(self, evicted: list[bytes]) -> int | None:
         """A free block, or the queued block to evict (its hash is appended to `evicted`)."""

@@ -121,6 +121,12 @@ class Tier:
 
     name = ""  # "g1", "g3", "g4": the tier's key in stats and logs
 
+    @property
+    def below_g2(self) -> bool:
+        """Whether this tier can hold blocks G2 lacks: it stages loads (implements `prepare_load`).
+        While any tier is, clients ask the coordinator about what their pool's hash index lacks."""
+        return type(self).prepare_load is not Tier.prepare_load
+
     def attach(self, pool: PoolFace, namespace: Namespace) -> None:
         pass
 

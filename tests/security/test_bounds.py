@@ -277,10 +277,10 @@ def test_oversized_frames(coordinator_factory, instance, runtime_dir):
     client, pool, _ = _small_pool(instance, runtime_dir)
     with client:  # the client library refuses to send what the coordinator would refuse or drop
         too_many = engine.prompt_hashes(80_000)  # 80,000 x 18 bytes: over the 1 MiB max_frame_bytes
-        with pytest.raises(ProtocolError) as refused:
-            client.lookup(pool, too_many)
+        with pytest.raises(ProtocolError) as refused:  # pinned: always asks (unpinned, the hash index answers)
+            client.lookup(pool, too_many, pin=True)
         assert refused.value.code == ErrorCode.FRAME_TOO_LARGE
-        assert client.lookup(pool, too_many[:4]) == []  # and goes on
+        assert client.lookup(pool, too_many[:4], pin=True) == []  # and goes on
 
 
 def _small_pool(instance, runtime_dir, blocks: int = 16):
