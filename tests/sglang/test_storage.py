@@ -118,8 +118,13 @@ def test_coordinator_restart_serves_exact_bytes_or_misses(coordinator_factory, i
         expected = page_bytes(pool, [1, 2, 3, 4])
         assert storage.batch_set_v1(KEYS, host_indices([1, 2, 3, 4])) == [True] * 4
         coord.kill()
-        assert storage.batch_exists(KEYS) == 0  # the service is gone: a miss, not an error
-        assert storage.batch_get_v1(KEYS, host_indices([5, 6, 7, 8])) == [False] * 4
+        # the service is gone: no error; what is still answered (from the pool's hash index, which
+        # the killed coordinator left as it was) has the exact bytes
+        found = storage.batch_exists(KEYS)
+        got = storage.batch_get_v1(KEYS, host_indices([11, 12, 13, 14]))
+        loaded = got.count(True)
+        assert got == [True] * loaded + [False] * (4 - loaded) and found >= loaded
+        assert page_bytes(pool, [11, 12, 13, 14][:loaded]) == expected[:loaded]
         coordinator_factory()  # adopts the killed coordinator's pool
 
         deadline = time.monotonic() + 30
