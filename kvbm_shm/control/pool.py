@@ -52,6 +52,7 @@ operation writes its counters at once, so a post-mortem read sees them.
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Callable, Iterable
 
@@ -145,13 +146,23 @@ class BlockPool:
 
     def flush(self) -> None:
         """Write what lookups deferred into the shm table and header: last use, hits, counters.
-        The server calls it when it has been idle for ~2 ms, and every 10 ms under load."""
+        The server calls it when it has been idle for ~2 ms, and every 2 ms under load."""
         if self._used:
-            idx = np.concatenate([np.asarray(ids, np.int64) for ids, _ in self._used])
-            uses = np.concatenate([np.broadcast_to(np.asarray(n, np.int64), len(ids)) for ids, n in self._used])
+            total = sum(len(ids) for ids, _ in self._used)
+            idx = np.fromiter(itertools.chain.from_iterable(ids for ids, _ in self._used), np.int64, count=total)
+            uses = np.ones(total, np.int64)
+            at = 0
+            for ids, n in self._used:
+                if n != 1:
+                    uses[at:at + len(ids)] = n
+                at += len(ids)
             self._used = []
-            used, where = np.unique(idx, return_inverse=True)  # np.add.at on a strided field is ~40x slower
-            hits = self._table["hits"][used] + np.bincount(where, weights=uses).astype(np.int64)
+            # hits per block by sorting (np.add.at on a strided field is ~40x slower, np.unique ~3x)
+            order = np.argsort(idx, kind="stable")
+            idx, uses = idx[order], uses[order]
+            starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]])
+            used = idx[starts]
+            hits = self._table["hits"][used] + np.add.reduceat(uses, starts)
             self._write(used, last_use_ns=time.monotonic_ns(), hits=np.minimum(hits, 2**32 - 1))
         if any(self._counts):
             self.segment.counters[:len(self._counts)] += np.asarray(self._counts, np.uint64)
