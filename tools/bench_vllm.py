@@ -172,7 +172,11 @@ def run(args) -> dict:
 
     times: dict[str, list[float]] = {k: [] for k in ("none", "miss", "hit", "own")}
     env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(args.reserved_cpus)}
-    with Coordinator(args.cpu_cache_gb) as coordinator:
+    # every prompt of the run stays cached (an evicted prefix would turn a hit trial into a miss):
+    # the prefixes, a fresh prompt per miss trial and warm-up, the private pool of the connector's work
+    prompt_bytes = prefix_bytes * (args.prefix_tokens + args.suffix_tokens) / args.prefix_tokens
+    cache_gb = args.cpu_cache_gb or 1.5 * (args.trials * (prefix_bytes + prompt_bytes) + 6 * prompt_bytes) / 2**30
+    with Coordinator(max(cache_gb, 0.25)) as coordinator:
         work = connector_work_on_miss(coordinator, size, args.prefix_tokens + args.suffix_tokens, args.trials)
         kv = {"kv_connector": "KvbmShmConnector", "kv_connector_module_path": "kvbm_shm.integrations.vllm",
               "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
@@ -249,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=15)  # enough to resolve a 5% difference here
     parser.add_argument("--size", choices=sorted(SIZES), default="bench")
     parser.add_argument("--model-root", default=os.path.join(tempfile.gettempdir(), "kvbm-bench-models"))
-    parser.add_argument("--cpu-cache-gb", type=float, default=1.0)
+    parser.add_argument("--cpu-cache-gb", type=float, default=0.0,
+                        help="G2 budget (default: room for every prompt of the run)")
     parser.add_argument("--reserved-cpus", type=int, default=1,
                         help="VLLM_CPU_NUM_OF_RESERVED_CPU for every engine (the same for all: like with like)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
